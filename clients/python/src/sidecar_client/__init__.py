@@ -1,0 +1,16 @@
+"""Client stubs for the inference routing sidecar.
+
+The generated modules mirror the proto packages::
+
+    from sidecar_client.inference.v1 import inference_pb2, inference_pb2_grpc
+    from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
+    from sidecar_client.sidecar.usage.v1 import usage_pb2
+
+`SidecarClient` is a small asyncio helper on top of them; `error_info` reads the
+`google.rpc.ErrorInfo` (reason, metadata) that every sidecar error carries.
+"""
+from __future__ import annotations
+
+from sidecar_client.helpers import SidecarClient, ErrorDetail, error_detail
+
+__all__ = ["SidecarClient", "ErrorDetail", "error_detail"]
