@@ -1,0 +1,122 @@
+"""Composition root: builds the runtime from a config, starts the listeners, stops in order.
+
+Shutdown order (SIGTERM/SIGINT): readiness NOT_SERVING at once (Watch streams see it) -> new
+inference calls refused -> in-flight calls get `shutdown.grace_ms` to finish -> servers stop
+(cancelling what is left, health watches included) -> ops listener and backend channels close.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
+
+from sidecar.config import Config
+from sidecar.ops.health import Health
+from sidecar.ops.http import OpsServer
+from sidecar.pipeline import build_pipeline
+from sidecar.routing.balancer import WeightedRandom
+from sidecar.routing.channels import Channels, channel_options
+from sidecar.server import SERVICE, InferenceHandlers, InFlight
+
+log = logging.getLogger("sidecar.app")
+
+
+def config_version(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Listeners:
+    """The addresses actually bound (a configured port 0 becomes a real port here)."""
+
+    listen: str = ""
+    admin_listen: str = ""
+    ops_listen: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Sidecar:
+    def __init__(self, config: Config, version: str) -> None:
+        self.config = config
+        self.health = Health(version)
+        self.in_flight = InFlight()
+        self.channels = Channels(config)
+        self.balancer = WeightedRandom(self.channels.backends)
+        self.pipeline = build_pipeline(lambda: self.config, self.balancer)
+        self.listeners = Listeners()
+        self._server = self._grpc_server()
+        self._admin = self._grpc_server()
+        self._ops = OpsServer(self.health)
+        self._stopped = asyncio.Event()
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        options = [*channel_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)]
+        return grpc.aio.server(options=options)
+
+    async def start(self) -> None:
+        handlers = InferenceHandlers(self.pipeline, self.in_flight)
+        self._server.add_registered_method_handlers(SERVICE, handlers.method_handlers())
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._admin)
+        names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self._server)
+        self.listeners.listen = _bind(self._server, self.config.listen)
+        self.listeners.admin_listen = _bind(self._admin, self.config.admin_listen)
+        self.listeners.ops_listen = _with_port(self.config.ops_listen, await self._ops.start(self.config.ops_listen))
+        await self._server.start()
+        await self._admin.start()
+        await self.health.mark_started()
+        log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,
+                                         "ops_listen": self.listeners.ops_listen,
+                                         "config_version": self.health.config_version,
+                                         "models": sorted(self.config.models)})
+
+    async def stop(self) -> None:
+        """Drains and stops; safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.shutdown.grace_ms / 1000.0
+        log.info("draining", extra={"in_flight": self.in_flight.count, "grace_ms": self.config.shutdown.grace_ms})
+        await self.health.mark_draining()
+        self.in_flight.close()
+        finished = await self.in_flight.wait_idle(grace)
+        if not finished:
+            log.warning("grace period over; cancelling calls", extra={"in_flight": self.in_flight.count})
+        await asyncio.gather(self._server.stop(None), self._admin.stop(None))
+        await self._ops.aclose()
+        await self.channels.aclose()
+        log.info("stopped", extra={"clean": finished})
+
+    async def run_until_signalled(self) -> None:
+        """Serves until SIGTERM or SIGINT, then drains and stops."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await self.stop()
+
+
+def _bind(server: grpc.aio.Server, address: str) -> str:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    return _with_port(address, port)
+
+
+def _with_port(address: str, port: int) -> str:
+    host = address.rpartition(":")[0]
+    return f"{host}:{port}"

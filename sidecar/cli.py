@@ -1,0 +1,191 @@
+"""The `sidecar` command (CONTRACT §1)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from sidecar import __version__
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        sys.exit(2)
+    code = args.handler(args)
+    sys.exit(code or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description="gRPC routing sidecar for model inference")
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the sidecar until SIGTERM/SIGINT")
+    run.add_argument("--config", required=True, metavar="FILE")
+    run.set_defaults(handler=_run)
+
+    demo = sub.add_parser("demo", help="run the sidecar and two demo backends on embedded defaults")
+    demo.add_argument("--listen", default="127.0.0.1:50051")
+    demo.add_argument("--admin-listen", default="127.0.0.1:50052")
+    demo.add_argument("--ops-listen", default="127.0.0.1:9464")
+    demo.set_defaults(handler=_demo)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 0, or 2 with one line per error)")
+    check.add_argument("file")
+    check.set_defaults(handler=_check_config)
+
+    hash_key = sub.add_parser("hash-key", help="print the sha256: form of an API key or admin token")
+    hash_key.add_argument("key")
+    hash_key.set_defaults(handler=lambda a: print(hash_secret(a.key)))
+
+    call = sub.add_parser("call", help="call a sidecar (or a backend) once and print the answer")
+    call.add_argument("--target", required=True, metavar="HOST:PORT")
+    call.add_argument("--model", required=True)
+    call.add_argument("--input", default="")
+    call.add_argument("--stream", action="store_true", help="use InferStream and print chunks as they come")
+    call.add_argument("--api-key", default=os.environ.get("SIDECAR_API_KEY"), help="default: $SIDECAR_API_KEY")
+    call.add_argument("--max-output-tokens", type=int, default=0)
+    call.add_argument("--session-id", default="")
+    call.add_argument("--request-id", default=None)
+    call.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    call.add_argument("--json", action="store_true", help="print the response message(s) as JSON")
+    call.set_defaults(handler=_call)
+
+    backend = sub.add_parser("demo-backend", help="run the reference inference backend")
+    backend.add_argument("--listen", required=True, metavar="HOST:PORT")
+    backend.add_argument("--delay-ms", type=float, default=0.0)
+    backend.add_argument("--fail-rate", type=float, default=0.0)
+    backend.add_argument("--fail-code", default="UNAVAILABLE", help="gRPC code of injected failures")
+    backend.add_argument("--tokens", type=int, default=8, help="tokens (stream chunks) per answer")
+    backend.add_argument("--chunk-bytes", type=int, default=0, help="extra delta_bytes per chunk")
+    backend.add_argument("--seed", type=int, default=None)
+    backend.add_argument("--log-calls", action="store_true", help="one JSON line per call on stdout")
+    backend.set_defaults(handler=_demo_backend)
+    return parser
+
+
+def hash_secret(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Runs `main` on uvloop (the sidecar's event loop)."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sidecar.app import Sidecar, config_version
+    from sidecar.config import ConfigError, load_config
+    from sidecar.telemetry.logging import configure_logging
+
+    configure_logging()
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    with open(args.config) as f:
+        version = config_version(f.read())
+
+    async def serve() -> None:
+        await Sidecar(config, version).run_until_signalled()
+
+    try:
+        run_async(serve)
+    except OSError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from sidecar.config import ConfigError, load_config
+
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 2
+    print(f"{args.file}: ok")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo.demo import run_demo
+
+    return run_demo(args.listen, args.admin_listen, args.ops_listen)
+
+
+def _demo_backend(args: argparse.Namespace) -> int:
+    from sidecar.demo.backend import DemoOptions, run_backend
+
+    run_backend(args.listen, DemoOptions(tokens=args.tokens, delay_ms=args.delay_ms, fail_rate=args.fail_rate,
+                                         fail_code=args.fail_code.upper(), chunk_bytes=args.chunk_bytes,
+                                         log_calls=args.log_calls, seed=args.seed))
+    return 0
+
+
+def _call(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+    from sidecar_client import error_detail
+    from sidecar_client.inference.v1 import inference_pb2, inference_pb2_grpc
+
+    metadata: list[tuple[str, str]] = []
+    if args.api_key:
+        metadata.append(("authorization", f"Bearer {args.api_key}"))
+    if args.request_id:
+        metadata.append(("x-request-id", args.request_id))
+    request = inference_pb2.InferRequest(model=args.model, input=args.input, session_id=args.session_id,
+                                         max_output_tokens=args.max_output_tokens)
+
+    async def call() -> int:
+        async with grpc.aio.insecure_channel(args.target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            try:
+                if args.stream:
+                    rpc = stub.InferStream(request, metadata=metadata, timeout=args.timeout)
+                    async for chunk in rpc:
+                        if args.json:
+                            print(json_format.MessageToJson(chunk, indent=None))
+                        else:
+                            print(chunk.delta, end="", flush=True)
+                            if chunk.HasField("usage"):
+                                print()
+                                _summary(chunk.usage, chunk.finish_reason, await rpc.initial_metadata())
+                else:
+                    unary = stub.Infer(request, metadata=metadata, timeout=args.timeout)
+                    response = await unary
+                    if args.json:
+                        print(json_format.MessageToJson(response, indent=None))
+                    else:
+                        print(response.output)
+                        _summary(response.usage, response.finish_reason, await unary.initial_metadata())
+            except grpc.aio.AioRpcError as exc:
+                detail = error_detail(exc)
+                print(json.dumps({"error": detail.code.name, "reason": detail.reason, "message": detail.message,
+                                  "metadata": detail.metadata}), file=sys.stderr)
+                return 1
+        return 0
+
+    result: int = asyncio.run(call())
+    return result
+
+
+def _summary(usage: Any, finish_reason: str, metadata: Any) -> None:
+    request_id = next((v for k, v in (metadata or ()) if k == "x-request-id"), "")
+    print(f"[request_id={request_id} input_tokens={usage.input_tokens} output_tokens={usage.output_tokens} "
+          f"finish_reason={finish_reason}]", file=sys.stderr)

@@ -1,0 +1,199 @@
+"""Config: load YAML, substitute `${ENV}`, validate once into an immutable tree.
+
+Called at start and on every reload. A config either validates completely or is rejected with
+one `ConfigError` line per problem, each naming its key path
+(`models.chat.backends[1].weight: must be >= 0`), so an operator can fix it without guessing.
+Unknown keys are errors: a typo must never silently fall back to a default.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class ConfigError(Exception):
+    """A config that must not be used. `problems` holds one `key.path: message` line each."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def _address(value: str) -> str:
+    """`host:port` (IPv6 hosts in brackets); port 0 asks the OS for a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port with a port from 0 to 65535")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError("an IPv6 host must be in brackets, e.g. [::1]:50051")
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+Name = Annotated[str, AfterValidator(_name)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Section):
+    name: Name
+    address: Address
+    weight: float = Field(default=1.0, ge=0)
+    priority: int = Field(default=0, ge=0)
+
+
+class ModelConfig(_Section):
+    timeout_ms: int = Field(default=30_000, gt=0)
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_backend_names(self) -> ModelConfig:
+        seen: set[str] = set()
+        for backend in self.backends:
+            if backend.name in seen:
+                raise ValueError(f"backend name {backend.name!r} is used twice")
+            seen.add(backend.name)
+        return self
+
+
+class ShutdownConfig(_Section):
+    grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
+
+
+class Config(_Section):
+    listen: Address = "127.0.0.1:50051"
+    admin_listen: Address = "127.0.0.1:50052"
+    ops_listen: Address = "127.0.0.1:9464"
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    shutdown: ShutdownConfig = ShutdownConfig()
+    models: dict[Name, ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_listeners(self) -> Config:
+        listeners = [self.listen, self.admin_listen, self.ops_listen]
+        fixed = [a for a in listeners if not a.endswith(":0")]
+        if len(set(fixed)) != len(fixed):
+            raise ValueError("listen, admin_listen and ops_listen must be different addresses")
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Reads, substitutes and validates `path`; raises `ConfigError` listing every problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_config(text, environ)
+
+
+def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"(root): invalid YAML{where}: {problem}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["(root): must be a mapping of keys to values"])
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    data = _substitute(raw, (), env, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(err) for err in exc.errors()) from None
+
+
+def _substitute(node: Any, path: tuple[str | int, ...], env: Mapping[str, str],
+                problems: list[str]) -> Any:
+    """Replaces `${VAR}` / `${VAR:-default}` in every string scalar, reporting unset variables."""
+    if isinstance(node, dict):
+        return {k: _substitute(v, (*path, str(k)), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, (*path, i), env, problems) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{key_path(path)}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_REF.sub(replace, node)
+
+
+def key_path(loc: Iterable[str | int]) -> str:
+    """('models', 'chat', 'backends', 1, 'weight') -> 'models.chat.backends[1].weight'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+_MESSAGES = {
+    "missing": "required",
+    "extra_forbidden": "unknown key",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "too_short": "must have at least {min_length} item(s)",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+}
+
+
+def _plain(value: Any) -> Any:
+    """2.0 -> 2, so messages read `must be >= 0` rather than `>= 0.0`."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = [p for p in error["loc"] if p not in ("[key]",)]
+    kind = error["type"]
+    template = _MESSAGES.get(kind)
+    if template is not None:
+        ctx = {k: _plain(v) for k, v in error.get("ctx", {}).items()}
+        message = template.format(**ctx)
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{key_path(loc)}: {message}"

@@ -1,0 +1,182 @@
+"""The reference backend: implements `inference.v1.Inference` and grpc health.
+
+Used by `sidecar demo`, the tests and the benchmark. Output is deterministic: the answer repeats
+the input's words (or `token<i>` with no input) up to `--tokens` (capped by the request's
+`max_output_tokens`); `input_tokens` counts whitespace words of the input; `output_tokens` is what
+was generated. Knobs for tests and load tests:
+
+- `--delay-ms N`: wait before answering (before the first chunk of a stream).
+- `--fail-rate F` / `--fail-code CODE`: fail that share of calls with that gRPC code.
+- `--chunk-bytes N`: add N bytes of `delta_bytes` to every streamed chunk (large streams).
+- request `parameters` override per call: `delay_ms`, `fail_code`, `tokens`, `chunk_delay_ms`.
+- `--log-calls`: one JSON line per call on stdout with the request id, the metadata keys the
+  backend received, and the outcome (`ok`, `failed`, `cancelled`).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from sidecar_client.inference.v1 import inference_pb2, inference_pb2_grpc
+from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest, InferResponse, Usage
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    tokens: int = 8
+    delay_ms: float = 0.0
+    fail_rate: float = 0.0
+    fail_code: str = "UNAVAILABLE"
+    chunk_bytes: int = 0
+    log_calls: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one call will do, from the options and the request's parameters."""
+
+    tokens: list[str]
+    finish_reason: str
+    delay: float
+    chunk_delay: float
+    fail_code: grpc.StatusCode | None
+
+
+class DemoBackend(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, options: DemoOptions) -> None:
+        self.options = options
+        self._rng = random.Random(options.seed)
+        self._padding = b"\x00" * options.chunk_bytes
+
+    def _plan(self, request: InferRequest) -> _Plan:
+        params = dict(request.parameters.items()) if request.HasField("parameters") else {}
+        limit = int(params.get("tokens", self.options.tokens))
+        if request.max_output_tokens:
+            cut = min(limit, request.max_output_tokens)
+            finish = "length" if cut < limit else "stop"
+            limit = cut
+        else:
+            finish = "stop"
+        words = request.input.split() or ["token"]
+        tokens = [words[i % len(words)] if request.input.split() else f"token{i}" for i in range(limit)]
+        fail_code = params.get("fail_code")
+        if fail_code is None and self.options.fail_rate and self._rng.random() < self.options.fail_rate:
+            fail_code = self.options.fail_code
+        return _Plan(tokens, finish, float(params.get("delay_ms", self.options.delay_ms)) / 1000.0,
+                     float(params.get("chunk_delay_ms", 0)) / 1000.0,
+                     grpc.StatusCode[str(fail_code)] if fail_code else None)
+
+    async def Infer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> InferResponse:
+        plan = self._plan(request)
+        async with self._observed("Infer", request, context):
+            await self._prelude(plan, context)
+            return InferResponse(model=request.model, output=" ".join(plan.tokens), output_bytes=request.input_bytes,
+                                 usage=Usage(input_tokens=len(request.input.split()),
+                                             output_tokens=len(plan.tokens)),
+                                 finish_reason=plan.finish_reason)
+
+    async def InferStream(self, request: InferRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[InferChunk]:
+        plan = self._plan(request)
+        async with self._observed("InferStream", request, context):
+            await self._prelude(plan, context)
+            last = len(plan.tokens) - 1
+            for i, token in enumerate(plan.tokens):
+                chunk = InferChunk(delta=token if i == 0 else " " + token, delta_bytes=self._padding)
+                if i == last:
+                    chunk.usage.CopyFrom(Usage(input_tokens=len(request.input.split()), output_tokens=i + 1))
+                    chunk.finish_reason = plan.finish_reason
+                yield chunk
+                if plan.chunk_delay:
+                    await asyncio.sleep(plan.chunk_delay)
+            if last < 0:
+                yield InferChunk(usage=Usage(input_tokens=len(request.input.split())),
+                                 finish_reason=plan.finish_reason)
+
+    async def _prelude(self, plan: _Plan, context: grpc.aio.ServicerContext) -> None:
+        if plan.delay:
+            await asyncio.sleep(plan.delay)
+        if plan.fail_code is not None:
+            await context.abort(plan.fail_code, f"demo backend failure ({plan.fail_code.name})")
+
+    def _observed(self, method: str, request: InferRequest, context: grpc.aio.ServicerContext) -> _CallLog:
+        return _CallLog(self.options.log_calls, method, request, context)
+
+
+class _CallLog:
+    """Logs one call's metadata keys and outcome (when --log-calls is on)."""
+
+    def __init__(self, enabled: bool, method: str, request: InferRequest, context: grpc.aio.ServicerContext) -> None:
+        self.enabled = enabled
+        self.method, self.request, self.context = method, request, context
+        self.started = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if not self.enabled:
+            return
+        metadata = self.context.invocation_metadata() or ()
+        if kind is None:
+            outcome = "ok"
+        elif issubclass(kind, asyncio.CancelledError):
+            outcome = "cancelled"
+        else:
+            outcome = "failed"
+        line = {"event": "call", "method": self.method, "model": self.request.model, "outcome": outcome,
+                "request_id": next((v for k, v in metadata if k == "x-request-id"), None),
+                "metadata_keys": sorted({k for k, _ in metadata}),
+                "traceparent": next((v for k, v in metadata if k == "traceparent"), None),
+                "duration_ms": round((time.perf_counter() - self.started) * 1000, 3)}
+        print(json.dumps(line), flush=True)
+
+
+async def serve_backend(listen: str, options: DemoOptions, ready: asyncio.Event | None = None,
+                        stop: asyncio.Event | None = None) -> None:
+    """Serves until `stop` is set (or forever); prints one JSON `listening` line when ready."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    inference_pb2_grpc.add_InferenceServicer_to_server(DemoBackend(options), server)
+    health = HealthServicer()
+    await health.set(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                     health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(listen)
+    await server.start()
+    print(json.dumps({"event": "listening", "address": f"{listen.rpartition(':')[0]}:{port}"}), flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        if stop is None:
+            await server.wait_for_termination()
+        else:
+            await stop.wait()
+    finally:
+        await server.stop(0.5)
+
+
+def run_backend(listen: str, options: DemoOptions) -> None:
+    """Entry point of `sidecar demo-backend`: serves until SIGTERM/SIGINT."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_backend(listen, options, stop=stop)
+
+    try:
+        asyncio.run(main())
+    except (OSError, RuntimeError) as exc:  # grpc reports a port in use as RuntimeError
+        sys.exit(f"demo-backend: cannot listen on {listen}: {exc}")

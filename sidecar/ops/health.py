@@ -1,0 +1,66 @@
+"""Health: one place that knows whether the sidecar is live and ready, and why.
+
+Drives the `grpc.health.v1` servicers (CONTRACT §4) and the JSON of `/healthz` and `/readyz`.
+Readiness (services "" and `inference.v1.Inference`) is SERVING once the config is loaded and
+the servers accept, and NOT_SERVING while draining; `liveness` is answered by the event loop
+itself, so it is SERVING for as long as the loop turns.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from sidecar import __version__
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+READINESS_SERVICES = ("", "inference.v1.Inference")
+LIVENESS_SERVICE = "liveness"
+
+
+class Health:
+    def __init__(self, config_version: str) -> None:
+        self.config_version = config_version
+        self.started = False
+        self.draining = False
+        self.servicers: list[HealthServicer] = []
+
+    def servicer(self) -> HealthServicer:
+        """A servicer for one gRPC server; every servicer follows the same state."""
+        servicer = HealthServicer()
+        self.servicers.append(servicer)
+        return servicer
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+    async def publish(self) -> None:
+        """Pushes the current state to every servicer (and so to every Watch stream)."""
+        status = SERVING if self.ready else NOT_SERVING
+        for servicer in self.servicers:
+            await servicer.set(LIVENESS_SERVICE, SERVING)
+            for service in READINESS_SERVICES:
+                await servicer.set(service, status)
+
+    async def mark_started(self) -> None:
+        self.started = True
+        await self.publish()
+
+    async def mark_draining(self) -> None:
+        self.draining = True
+        await self.publish()
+
+    def components(self) -> dict[str, Any]:
+        return {
+            "config": {"status": "ok", "version": self.config_version},
+            "server": {"status": "draining" if self.draining else ("serving" if self.started else "starting")},
+        }
+
+    def liveness_body(self) -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    def readiness_body(self) -> dict[str, Any]:
+        return {"status": "ready" if self.ready else "not_ready", "components": self.components()}

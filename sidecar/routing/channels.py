@@ -1,0 +1,79 @@
+"""One shared `grpc.aio` channel per backend, with bytes-in/bytes-out method callables.
+
+Created at start for every configured backend and closed at shutdown. The callables carry no
+(de)serializers: the sidecar forwards the caller's request bytes and relays response bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from sidecar.config import BackendConfig, Config
+
+INFER = "/inference.v1.Inference/Infer"
+INFER_STREAM = "/inference.v1.Inference/InferStream"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # fail fast when a backend is down instead of waiting out the deadline in backoff
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.enable_retries", 0),  # retries are the router's decision, not the channel's
+    ]
+
+
+@dataclass(eq=False)
+class Backend:
+    """A backend of one model: its config and the channel calls go through."""
+
+    model: str
+    config: BackendConfig
+    channel: grpc.aio.Channel
+    infer: grpc.aio.UnaryUnaryMultiCallable = field(init=False)
+    infer_stream: grpc.aio.UnaryStreamMultiCallable = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.infer = self.channel.unary_unary(INFER)
+        self.infer_stream = self.channel.unary_stream(INFER_STREAM)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.model}/{self.name} {self.config.address} w={self.config.weight:g}>"
+
+
+class Channels:
+    """Owns the channels: one per distinct backend address, shared by models that use it."""
+
+    def __init__(self, config: Config) -> None:
+        self._options = channel_options(config.max_message_bytes)
+        self._by_address: dict[str, grpc.aio.Channel] = {}
+        self.backends: dict[str, list[Backend]] = {
+            model: [self._backend(model, b) for b in model_config.backends]
+            for model, model_config in config.models.items()
+        }
+
+    def _backend(self, model: str, config: BackendConfig) -> Backend:
+        channel = self._by_address.get(config.address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(config.address, options=self._options)
+            self._by_address[config.address] = channel
+        return Backend(model, config, channel)
+
+    async def aclose(self) -> None:
+        for channel in self._by_address.values():
+            await channel.close()
+        self._by_address.clear()
+
+    def __repr__(self) -> str:
+        return f"<Channels {len(self._by_address)} channels, models={sorted(self.backends)}>"

@@ -1,0 +1,119 @@
+"""The `inference.v1.Inference` handlers: raw bytes in, raw bytes out.
+
+Registered without (de)serializers, so the request arrives as the caller's bytes and the
+backend's response bytes go back untouched. Each handler: read the metadata, parse the request
+once, run the pipeline, proxy, and on any failure hand the exception to `errors.rescue()`.
+`InFlight` counts calls so that shutdown can wait for them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from sidecar import errors
+from sidecar.call import Call, begin_call
+from sidecar.errors import SidecarError
+from sidecar.pipeline import Pipeline
+from sidecar.stages import proxy
+
+SERVICE = "inference.v1.Inference"
+log = logging.getLogger("sidecar.server")
+
+
+class InFlight:
+    """Counts running inference calls; after `close()` new calls are refused."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.closed:
+            raise SidecarError("SERVICE_UNAVAILABLE", "the sidecar is shutting down")
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when every call finished within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"<InFlight {self.count}{' closed' if self.closed else ''}>"
+
+
+class InferenceHandlers:
+    def __init__(self, pipeline: Pipeline, in_flight: InFlight) -> None:
+        self._pipeline = pipeline
+        self._in_flight = in_flight
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Infer": grpc.unary_unary_rpc_method_handler(self.infer),
+            "InferStream": grpc.unary_stream_rpc_method_handler(self.infer_stream),
+        }
+
+    async def _admit(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> Call:
+        call = begin_call(method, raw, context.invocation_metadata() or (), context.time_remaining())
+        try:
+            self._in_flight.enter()
+        except SidecarError as exc:
+            await _abort(context, call, exc)
+        try:
+            call.parse()
+            await self._pipeline.admit(call)
+        except Exception as exc:
+            self._in_flight.leave()
+            await _abort(context, call, exc)
+        return call
+
+    async def infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        call = await self._admit("Infer", raw, context)
+        try:
+            rpc = proxy.start_unary(call)
+            await context.send_initial_metadata((("x-request-id", call.request_id),))
+            response = await proxy.finish_unary(call, rpc)
+            call.status = "OK"
+            return response
+        except Exception as exc:
+            await _abort(context, call, exc)
+            raise  # unreachable: abort raises
+        finally:
+            self._in_flight.leave()
+
+    async def infer_stream(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        call = await self._admit("InferStream", raw, context)
+        try:
+            await context.send_initial_metadata((("x-request-id", call.request_id),))
+            async for chunk in proxy.relay_stream(call):
+                yield chunk
+            call.status = "OK"
+        except Exception as exc:
+            await _abort(context, call, exc)
+        finally:
+            self._in_flight.leave()
+
+
+async def _abort(context: grpc.aio.ServicerContext, call: Call, exc: BaseException) -> None:
+    """Ends the RPC with the rescued status; always raises (grpc's abort exception)."""
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    rescued = errors.rescue(exc, call.request_id)
+    call.status, call.reason = rescued.code.name, rescued.reason
+    await context.abort(rescued.code, rescued.message, rescued.trailing_metadata)
