@@ -1,0 +1,67 @@
+"""The cost of one bare Python gRPC hop: a grpc.aio proxy that forwards raw bytes, nothing else.
+
+    python bench/reference_proxy.py --listen 127.0.0.1:7001 --backend 127.0.0.1:7000 [--uvloop]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+
+SERVICE = "inference.v1.Inference"
+
+
+async def serve(listen: str, backend: str) -> None:
+    channel = grpc.aio.insecure_channel(backend)
+    # No (de)serializers anywhere: bytes in, bytes out.
+    infer = channel.unary_unary(f"/{SERVICE}/Infer")
+    infer_stream = channel.unary_stream(f"/{SERVICE}/InferStream")
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            return await infer(request, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details() or "")
+            raise  # unreachable: abort raises
+
+    async def stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in infer_stream(request, timeout=context.time_remaining()):
+                yield chunk
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details() or "")
+
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Infer": grpc.unary_unary_rpc_method_handler(unary),
+        "InferStream": grpc.unary_stream_rpc_method_handler(stream),
+    })
+    server = grpc.aio.server(handlers=(handler,))
+    server.add_insecure_port(listen)
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+    await channel.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on")
+    parser.add_argument("--backend", required=True, help="HOST:PORT of the Inference backend")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's loop")
+    args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(serve(args.listen, args.backend))
+    else:
+        asyncio.run(serve(args.listen, args.backend))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Overhead benchmark: backend direct vs one bare Python gRPC hop (reference proxy) vs the sidecar.
+
+    .venv/bin/python bench/run.py            # full run, ~3-5 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick    # smoke run, < 60 s
+
+Starts a demo backend, the reference proxy and the sidecar as separate processes on free loopback
+ports, then measures all targets in one interleaved run: unary latency from a grpc.aio client,
+throughput and proxy CPU per request under h2load. Prints a table; writes bench/results/latest.json.
+See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from latency import Summary, Target, request_bytes, rotated, stream_batch, unary_batch
+from load import LoadResult, grpc_frame, h2load_path, run_h2load, run_pyload
+from procs import Proc, cpu_seconds, loaded_event_loop, loopback, start, stop, wait_serving
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results" / "latest.json"
+MODEL = "bench"
+TARGET_RATIO = 1.2
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small counts for a smoke run (< 60 s)")
+    p.add_argument("--rounds", type=int, help="latency rounds; targets rotate order each round (10)")
+    p.add_argument("--calls", type=int, help="latency calls per target per round per concurrency (400)")
+    p.add_argument("--concurrency", default="1,16", help="latency concurrency levels, comma-separated")
+    p.add_argument("--requests", type=int, help="requests per throughput run per target (20000)")
+    p.add_argument("--load-rounds", type=int, help="throughput runs per target, interleaved (2)")
+    p.add_argument("--connections", type=int, default=4, help="h2load -c (connections)")
+    p.add_argument("--streams", type=int, default=8, help="h2load -m (concurrent streams per connection)")
+    p.add_argument("--stream-calls", type=int, help="InferStream calls per target per round, c=1 (50); 0=off")
+    p.add_argument("--tokens", type=int, default=8, help="demo backend --tokens")
+    p.add_argument("--backend-delay-ms", type=int, default=0, help="demo backend --delay-ms")
+    p.add_argument("--reference-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="reference proxy's event loop; auto = the loop the sidecar process loaded")
+    p.add_argument("--both-loops", action="store_true",
+                   help="also run a second reference proxy on the other loop, as target 'reference-alt'")
+    p.add_argument("--no-sidecar", action="store_true", help="measure direct and reference only")
+    p.add_argument("--pin", action="store_true",
+                   help="taskset: servers on CPU 1, load generators on CPU 0 (needs 2+ CPUs)")
+    p.add_argument("--python-load", action="store_true", help="use the Python load generator even if "
+                   "h2load is installed")
+    p.add_argument("--output", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    args = p.parse_args(argv)
+    defaults = ({"rounds": 3, "calls": 100, "requests": 2000, "load_rounds": 1, "stream_calls": 20}
+                if args.quick else
+                {"rounds": 10, "calls": 400, "requests": 20000, "load_rounds": 2, "stream_calls": 50})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    return args
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def sidecar_config(listen: str, admin: str, ops: str, backend: str) -> dict[str, Any]:
+    """The sidecar's config: one model, one backend. Extend here (auth, limits, ...) as it grows."""
+    return {
+        "listen": listen,
+        "admin_listen": admin,
+        "ops_listen": ops,
+        "models": {MODEL: {"timeout_ms": 30000,
+                           "backends": [{"name": "a", "address": backend, "weight": 1}]}},
+    }
+
+
+def sidecar_argv(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("sidecar")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-c", "from sidecar.cli import main; main()", *args]
+
+
+@dataclass
+class Stack:
+    """The started processes and the targets to call; `proxy` maps target name -> measured process."""
+
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    proxy: dict[str, Proc] = field(default_factory=dict)
+    loops: dict[str, str] = field(default_factory=dict)
+    backend: Proc | None = None
+
+    def add(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        return proc
+
+
+async def start_stack(args: argparse.Namespace, stack: Stack, request: bytes) -> None:
+    server_cpus = "1" if args.pin else None
+    backend_addr = loopback()
+    backend = stack.add(start("backend", sidecar_argv(
+        "demo-backend", "--listen", backend_addr, "--tokens", str(args.tokens),
+        "--delay-ms", str(args.backend_delay_ms)), stack.tmp, server_cpus))
+    stack.backend = backend
+    await wait_serving(backend, backend_addr)
+    stack.targets.append(Target("direct", backend_addr))
+    stack.proxy["direct"] = backend
+    stack.loops["direct"] = loaded_event_loop(backend.pid)
+
+    sidecar: tuple[Target, Proc] | None = None
+    if not args.no_sidecar:
+        listen, admin, ops = loopback(), loopback(), loopback()
+        config = stack.tmp / "sidecar.yaml"
+        config.write_text(yaml.safe_dump(sidecar_config(listen, admin, ops, backend_addr), sort_keys=False))
+        proc = stack.add(start("sidecar", sidecar_argv("run", "--config", str(config)), stack.tmp, server_cpus))
+        await wait_serving(proc, listen)
+        sidecar = (Target("sidecar", listen), proc)
+        stack.loops["sidecar"] = loaded_event_loop(proc.pid)
+
+    loop = args.reference_loop
+    if loop == "auto":
+        loop = stack.loops.get("sidecar", "asyncio")
+    await start_reference(stack, "reference", loop, backend_addr, server_cpus)
+    if args.both_loops:
+        await start_reference(stack, "reference-alt", "asyncio" if loop == "uvloop" else "uvloop",
+                              backend_addr, server_cpus)
+    if sidecar:
+        stack.targets.append(sidecar[0])
+        stack.proxy["sidecar"] = sidecar[1]
+    for target in stack.targets:
+        await target.wait_ok(request)
+
+
+async def start_reference(stack: Stack, name: str, loop: str, backend: str, cpus: str | None) -> None:
+    address = loopback()
+    argv = [sys.executable, str(BENCH_DIR / "reference_proxy.py"), "--listen", address, "--backend", backend]
+    proc = stack.add(start(name, [*argv, *(["--uvloop"] if loop == "uvloop" else [])], stack.tmp, cpus))
+    stack.targets.append(Target(name, address))
+    stack.proxy[name] = proc
+    stack.loops[name] = loop
+
+
+async def close_stack(stack: Stack) -> None:
+    for target in stack.targets:
+        await target.close()
+    for proc in reversed(stack.procs):
+        stop(proc)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+async def warm_up(stack: Stack, request: bytes) -> None:
+    for target in stack.targets:
+        await unary_batch(target, request, 300, 16)
+        await unary_batch(target, request, 100, 1)
+
+
+async def measure_latency(args: argparse.Namespace, stack: Stack, request: bytes) -> dict[str, Any]:
+    """Rounds of (every concurrency level x every target, order rotated per round)."""
+    samples: dict[str, dict[int, list[int]]] = {t.name: {c: [] for c in args.concurrency} for t in stack.targets}
+    round_p50: dict[str, dict[int, list[float]]] = {t.name: {c: [] for c in args.concurrency}
+                                                    for t in stack.targets}
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            for target in rotated(stack.targets, r):
+                batch = await unary_batch(target, request, args.calls, c)
+                samples[target.name][c].extend(batch)
+                round_p50[target.name][c].append(Summary.of(batch).p50_us)
+        print(f"  latency round {r + 1}/{args.rounds} done", file=sys.stderr)
+    return {name: {c: {**asdict(Summary.of(s)), "round_p50_us": round_p50[name][c]}
+                   for c, s in per_c.items()} for name, per_c in samples.items()}
+
+
+async def measure_stream(args: argparse.Namespace, stack: Stack, request: bytes) -> dict[str, Any]:
+    samples: dict[str, list[int]] = {t.name: [] for t in stack.targets}
+    for r in range(args.rounds):
+        for target in rotated(stack.targets, r):
+            samples[target.name].extend(await stream_batch(target, request, args.stream_calls))
+    return {name: asdict(Summary.of(s)) for name, s in samples.items()}
+
+
+def one_load_run(args: argparse.Namespace, address: str, body_file: Path, requests: int) -> LoadResult:
+    timeout = 60 + requests / 200
+    if h2load_path() and not args.python_load:
+        return run_h2load(address, body_file, requests, args.connections, args.streams, timeout,
+                          prefix=["taskset", "-c", "0"] if args.pin else [])
+    return run_pyload(address, body_file.read_bytes()[5:].hex(), requests, processes=2,
+                      concurrency=args.connections * args.streams // 2, timeout=timeout)
+
+
+async def measure_throughput(args: argparse.Namespace, stack: Stack, request: bytes) -> dict[str, Any]:
+    """Interleaved load runs; CPU of the measured process (and of the backend) from /proc."""
+    body_file = stack.tmp / "infer_request.grpc"
+    body_file.write_bytes(grpc_frame(request))
+    frame_len = {t.name: len(await t.infer(request)) + 5 for t in stack.targets}
+    for target in stack.targets:  # warm-up, not counted
+        await asyncio.to_thread(one_load_run, args, target.address, body_file, min(1000, args.requests))
+    runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in stack.targets}
+    for r in range(args.load_rounds):
+        for target in rotated(stack.targets, r):
+            runs[target.name].append(await one_measured_run(args, stack, target, body_file, request))
+        print(f"  load round {r + 1}/{args.load_rounds} done", file=sys.stderr)
+    return {name: summarize_load(rs, frame_len[name]) for name, rs in runs.items()}
+
+
+async def one_measured_run(args: argparse.Namespace, stack: Stack, target: Target, body_file: Path,
+                           request: bytes) -> dict[str, Any]:
+    assert stack.backend is not None
+    proc = stack.proxy[target.name]
+    cpu0, backend0 = cpu_seconds(proc.pid), cpu_seconds(stack.backend.pid)
+    result = await asyncio.to_thread(one_load_run, args, target.address, body_file, args.requests)
+    cpu1, backend1 = cpu_seconds(proc.pid), cpu_seconds(stack.backend.pid)
+    proc.check_alive()
+    try:
+        await target.check(request)
+        check = "ok"
+    except grpc.aio.AioRpcError as e:
+        check = f"{e.code().name}: {e.details()}"
+    return {**asdict(result), "cpu_s": cpu1 - cpu0, "backend_cpu_s": backend1 - backend0, "check_after": check}
+
+
+def summarize_load(runs: list[dict[str, Any]], frame_len: int) -> dict[str, Any]:
+    requests = sum(r["requests"] for r in runs)
+    data = [r["data_bytes"] for r in runs]
+    ok = sum(r["grpc_ok"] for r in runs) if all(r["grpc_ok"] is not None for r in runs) else None
+    # h2load counts any HTTP 200 as success, even with grpc-status != 0. Errors carry no DATA frame,
+    # so response DATA bytes / (requests x one response frame) estimates the share of real answers.
+    ok_share = (sum(data) / (requests * frame_len)) if None not in data else (ok or 0) / requests
+    return {
+        "tool": runs[0]["tool"],
+        "requests": requests,
+        "rps": statistics.median(r["rps"] for r in runs),
+        "rps_runs": [r["rps"] for r in runs],
+        "cpu_us_per_req": sum(r["cpu_s"] for r in runs) / requests * 1e6,
+        "backend_cpu_us_per_req": sum(r["backend_cpu_s"] for r in runs) / requests * 1e6,
+        "ok_share": ok_share,
+        "checks_after": [r["check_after"] for r in runs],
+        "runs": runs,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def added(latency: dict[str, Any], name: str, c: int) -> tuple[float, float]:
+    base, this = latency["direct"][c], latency[name][c]
+    return this["p50_us"] - base["p50_us"], this["p99_us"] - base["p99_us"]
+
+
+def ratios(results: dict[str, Any], concurrency: list[int]) -> dict[str, float | None]:
+    lat, thr = results["latency"], results["throughput"]
+    if "sidecar" not in lat:
+        return {}
+    out: dict[str, float | None] = {}
+    for c in concurrency:
+        for i, q in enumerate(("p50", "p99")):
+            ref, side = added(lat, "reference", c)[i], added(lat, "sidecar", c)[i]
+            out[f"added_{q}_c{c}"] = side / ref if ref > 0 else None
+    ref_cpu = thr["reference"]["cpu_us_per_req"]
+    out["cpu_per_req"] = thr["sidecar"]["cpu_us_per_req"] / ref_cpu if ref_cpu > 0 else None
+    return out
+
+
+def render_table(results: dict[str, Any], concurrency: list[int]) -> str:
+    lat, thr, loops = results["latency"], results["throughput"], results["loops"]
+    head = ["target", "loop"]
+    for c in concurrency:
+        head += [f"c={c} p50", f"c={c} p99"]
+    for c in concurrency:
+        head += [f"+c={c} p50", f"+c={c} p99"]
+    head += ["RPS", "CPU µs/req", "ok"]
+    rows = [head]
+    for name in lat:
+        row = [name, loops.get(name, "?")]
+        for c in concurrency:
+            row += [f"{lat[name][c]['p50_us']:.0f}", f"{lat[name][c]['p99_us']:.0f}"]
+        for c in concurrency:
+            row += ["-", "-"] if name == "direct" else [f"{v:+.0f}" for v in added(lat, name, c)]
+        t = thr[name]
+        row += [f"{t['rps']:.0f}", f"{t['cpu_us_per_req']:.0f}", f"{t['ok_share']:.0%}"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    if "stream" in results:
+        lines.append("InferStream c=1 time-to-last-chunk p50/p99 µs: " + ", ".join(
+            f"{n} {s['p50_us']:.0f}/{s['p99_us']:.0f}" for n, s in results["stream"].items()))
+    r = results["ratios"]
+    if r:
+        parts = [f"{k.removeprefix('added_')} " + (f"{v:.2f}x" if v is not None else "n/a") for k, v in r.items()]
+        worst = max((v for v in r.values() if v is not None), default=0.0)
+        verdict = "within" if worst <= TARGET_RATIO else "OVER"
+        lines.append(f"sidecar/reference (added latency; CPU per request): {', '.join(parts)} "
+                     f"-> {verdict} the {TARGET_RATIO}x target")
+    lines.append("latencies in µs (+ = added vs direct); CPU µs/req = CPU time of the target's own process "
+                 "(direct: the backend) / requests; ok = share of load requests that returned a response")
+    return "\n".join(lines)
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    h2load = h2load_path()
+    version = None
+    if h2load:
+        version = subprocess.run([h2load, "--version"], check=False, capture_output=True, text=True).stdout.strip()
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
+            "h2load": version, "load_tool": "h2load" if h2load and not args.python_load else "pyload",
+            "machine": platform.platform(), "pinned": args.pin,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def bench(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    request = request_bytes(MODEL, args.tokens)
+    t0 = time.monotonic()
+    print("starting backend, sidecar, reference proxy ...", file=sys.stderr)
+    await start_stack(args, stack, request)
+    print(f"  ready in {time.monotonic() - t0:.1f}s; loops: {stack.loops}", file=sys.stderr)
+    await warm_up(stack, request)
+    results: dict[str, Any] = {"environment": environment(args), "options": vars_jsonable(args),
+                               "loops": stack.loops}
+    print("latency ...", file=sys.stderr)
+    results["latency"] = await measure_latency(args, stack, request)
+    if args.stream_calls:
+        print("stream latency ...", file=sys.stderr)
+        results["stream"] = await measure_stream(args, stack, request)
+    tool = results["environment"]["load_tool"]
+    print(f"throughput ({tool}{'' if tool == 'h2load' else ': h2load missing or disabled'}) ...",
+          file=sys.stderr)
+    results["throughput"] = await measure_throughput(args, stack, request)
+    results["ratios"] = ratios(results, args.concurrency)
+    results["seconds"] = time.monotonic() - t0
+    return results
+
+
+def vars_jsonable(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.pin:
+        os.sched_setaffinity(0, {0})
+    tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    stack = Stack(tmp=tmp)
+    ok = False
+    try:
+        results = asyncio.run(bench_and_close(args, stack))
+        ok = True
+    finally:
+        for proc in stack.procs:  # normally already stopped; this is the safety net
+            stop(proc)
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, default=str))
+    print(render_table(results, args.concurrency))
+    print(f"total {results['seconds']:.0f}s; full results: {args.output}")
+    failed = [n for n, t in results["throughput"].items() if any(c != "ok" for c in t["checks_after"])]
+    if failed:
+        print(f"FAILED: calls after load did not succeed on {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def bench_and_close(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    try:
+        return await bench(args, stack)
+    finally:
+        await close_stack(stack)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
