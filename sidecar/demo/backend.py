@@ -9,8 +9,8 @@ was generated. Knobs for tests and load tests:
 - `--fail-rate F` / `--fail-code CODE`: fail that share of calls with that gRPC code.
 - `--chunk-bytes N`: add N bytes of `delta_bytes` to every streamed chunk (large streams).
 - request `parameters` override per call: `delay_ms`, `fail_code`, `tokens`, `chunk_delay_ms`.
-- `--log-calls`: one JSON line per call on stdout with the request id, the metadata keys the
-  backend received, and the outcome (`ok`, `failed`, `cancelled`).
+- `--log-calls`: one JSON line per call on stdout when it starts (`call_started`) and when it ends
+  (`call`: request id, metadata keys received, outcome `ok`, `failed` or `cancelled`).
 """
 from __future__ import annotations
 
@@ -121,7 +121,11 @@ class _CallLog:
         self.started = time.perf_counter()
 
     async def __aenter__(self) -> None:
-        return None
+        if self.enabled:
+            metadata = self.context.invocation_metadata() or ()
+            print(json.dumps({"event": "call_started", "method": self.method,
+                              "request_id": next((v for k, v in metadata if k == "x-request-id"), None)}),
+                  flush=True)
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if not self.enabled:

@@ -1,0 +1,139 @@
+"""Health (CONTRACT §4), reflection, the ops HTTP endpoints and graceful stop on SIGTERM."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from sidecar_client import error_detail
+from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferResponse
+
+from tests.conftest import Launcher
+from tests.grpc.test_proxy import INFER, params
+from tests.harness.procs import wait_until
+from tests.harness.sidecar import BackendProc, SidecarProc, health_status, one_model
+
+
+def http_get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+class Watcher(threading.Thread):
+    """Follows `Health.Watch` for one service, recording every status it is sent."""
+
+    def __init__(self, target: str, service: str = "") -> None:
+        super().__init__(daemon=True)
+        self.target, self.service = target, service
+        self.statuses: list[str] = []
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=self.service))
+            try:
+                for response in stream:
+                    self.statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+            except grpc.RpcError:
+                pass  # the server went away
+
+
+class SlowCall(threading.Thread):
+    def __init__(self, target: str, delay_ms: int) -> None:
+        super().__init__(daemon=True)
+        self.target, self.delay_ms = target, delay_ms
+        self.request_id = f"slow-{id(self)}-{time.monotonic_ns()}"
+        self.result: InferResponse | grpc.RpcError | None = None
+
+    def run(self) -> None:
+        request = InferRequest(model="chat", input="in flight", parameters=params(delay_ms=self.delay_ms))
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                self.result = InferResponse.FromString(
+                    channel.unary_unary(INFER)(request.SerializeToString(), timeout=30,
+                                              metadata=(("x-request-id", self.request_id),)))
+            except grpc.RpcError as error:
+                self.result = error
+
+
+def test_serving_after_start_on_every_health_name(launch: Launcher, backend: BackendProc) -> None:
+    sidecar = launch.sidecar(one_model(backend.address))
+    for service in ("", "inference.v1.Inference", "liveness"):
+        assert health_status(sidecar.listen, service) == "SERVING"
+        assert health_status(sidecar.admin_listen, service) == "SERVING"
+    with pytest.raises(grpc.RpcError) as unknown:
+        health_status(sidecar.listen, "no.such.Service")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    status, body = http_get(f"{sidecar.ops_url}/readyz")
+    assert status == 200 and body["status"] == "ready"
+    assert body["components"]["config"]["version"]
+    status, body = http_get(f"{sidecar.ops_url}/healthz")
+    assert status == 200 and body["status"] == "ok"
+    with urllib.request.urlopen(f"{sidecar.ops_url}/metrics", timeout=2) as response:
+        assert b"process_cpu_seconds_total" in response.read()
+
+
+def test_reflection_lists_the_services(launch: Launcher, backend: BackendProc) -> None:
+    sidecar = launch.sidecar(one_model(backend.address))
+    with grpc.insecure_channel(sidecar.listen) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"inference.v1.Inference", "grpc.health.v1.Health"} <= services
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(launch: Launcher, backend: BackendProc) -> None:
+    sidecar = launch.sidecar(one_model(backend.address, shutdown="{grace_ms: 10000}"))
+    watchers = [Watcher(sidecar.listen, ""), Watcher(sidecar.listen, "inference.v1.Inference")]
+    for watcher in watchers:
+        watcher.start()
+    wait_until(lambda: all(w.statuses == ["SERVING"] for w in watchers), 5, what="watchers see SERVING")
+    in_flight = SlowCall(sidecar.listen, delay_ms=1500)
+    in_flight.start()
+    wait_until(lambda: _started_at_backend(backend, in_flight.request_id), 5, what="the slow call reaching the backend")
+
+    sidecar.proc.signal(signal.SIGTERM)
+    wait_until(lambda: all(w.statuses[-1:] == ["NOT_SERVING"] for w in watchers), 1.0,
+               what="Watch streams observe NOT_SERVING")
+    status, body = http_get(f"{sidecar.ops_url}/readyz")
+    assert status == 503 and body["components"]["server"]["status"] == "draining"
+    assert health_status(sidecar.listen, "liveness") == "SERVING"  # alive while draining
+
+    with grpc.insecure_channel(sidecar.listen) as channel, pytest.raises(grpc.RpcError) as refused:
+        channel.unary_unary(INFER)(InferRequest(model="chat").SerializeToString(), timeout=5)
+    detail = error_detail(refused.value)
+    assert (detail.code, detail.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE")
+
+    in_flight.join(10)
+    assert isinstance(in_flight.result, InferResponse), in_flight.result
+    assert in_flight.result.output.startswith("in flight")
+    assert sidecar.proc.wait(10) == 0
+    assert any(line.get("msg") == "stopped" and line.get("clean") is True for line in sidecar.log_json())
+
+
+def test_grace_period_bounds_the_drain(launch: Launcher, backend: BackendProc) -> None:
+    sidecar = launch.sidecar(one_model(backend.address, shutdown="{grace_ms: 300}"))
+    in_flight = SlowCall(sidecar.listen, delay_ms=5000)
+    in_flight.start()
+    wait_until(lambda: _started_at_backend(backend, in_flight.request_id), 5, what="the slow call reaching the backend")
+    started = time.monotonic()
+    sidecar.proc.signal(signal.SIGTERM)
+    assert sidecar.proc.wait(5) == 0
+    assert time.monotonic() - started < 3
+    in_flight.join(5)
+    assert isinstance(in_flight.result, grpc.RpcError)
+    assert any(line.get("msg") == "stopped" and line.get("clean") is False for line in sidecar.log_json())
+
+
+def _started_at_backend(backend: BackendProc, request_id: str) -> bool:
+    return any(line.get("event") == "call_started" and line.get("request_id") == request_id
+               for line in backend.proc.log_lines_json())
