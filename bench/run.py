@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 import yaml
+from counts import backend_outcomes, delta, scrape_handled
 from latency import Summary, Target, request_bytes, rotated, stream_batch, unary_batch
 from load import LoadResult, grpc_frame, h2load_path, run_h2load, run_pyload
 from procs import Proc, cpu_seconds, loaded_event_loop, loopback, start, stop, wait_serving
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reference proxy's event loop; auto = the loop the sidecar process loaded")
     p.add_argument("--both-loops", action="store_true",
                    help="also run a second reference proxy on the other loop, as target 'reference-alt'")
+    p.add_argument("--backend-log-calls", action="store_true",
+                   help="run the backend with --log-calls and count its Infer outcomes per load run "
+                   "(costs the backend a little CPU per call)")
     p.add_argument("--no-sidecar", action="store_true", help="measure direct and reference only")
     p.add_argument("--pin", action="store_true",
                    help="taskset: servers on CPU 1, load generators on CPU 0 (needs 2+ CPUs)")
@@ -105,6 +109,7 @@ class Stack:
     proxy: dict[str, Proc] = field(default_factory=dict)
     loops: dict[str, str] = field(default_factory=dict)
     backend: Proc | None = None
+    sidecar_ops: str | None = None
 
     def add(self, proc: Proc) -> Proc:
         self.procs.append(proc)
@@ -116,7 +121,8 @@ async def start_stack(args: argparse.Namespace, stack: Stack, request: bytes) ->
     backend_addr = loopback()
     backend = stack.add(start("backend", sidecar_argv(
         "demo-backend", "--listen", backend_addr, "--tokens", str(args.tokens),
-        "--delay-ms", str(args.backend_delay_ms)), stack.tmp, server_cpus))
+        "--delay-ms", str(args.backend_delay_ms), *(["--log-calls"] if args.backend_log_calls else [])),
+        stack.tmp, server_cpus))
     stack.backend = backend
     await wait_serving(backend, backend_addr)
     stack.targets.append(Target("direct", backend_addr))
@@ -131,6 +137,7 @@ async def start_stack(args: argparse.Namespace, stack: Stack, request: bytes) ->
         proc = stack.add(start("sidecar", sidecar_argv("run", "--config", str(config)), stack.tmp, server_cpus))
         await wait_serving(proc, listen)
         sidecar = (Target("sidecar", listen), proc)
+        stack.sidecar_ops = ops
         stack.loops["sidecar"] = loaded_event_loop(proc.pid)
 
     loop = args.reference_loop
@@ -223,17 +230,24 @@ async def measure_throughput(args: argparse.Namespace, stack: Stack, request: by
 async def one_measured_run(args: argparse.Namespace, stack: Stack, target: Target, body_file: Path,
                            request: bytes) -> dict[str, Any]:
     assert stack.backend is not None
-    proc = stack.proxy[target.name]
-    cpu0, backend0 = cpu_seconds(proc.pid), cpu_seconds(stack.backend.pid)
+    proc, backend = stack.proxy[target.name], stack.backend
+    ops = stack.sidecar_ops if target.name == "sidecar" else None
+    handled0 = await asyncio.to_thread(scrape_handled, ops) if ops else None
+    log_offset = backend.log.stat().st_size
+    cpu0, backend0 = cpu_seconds(proc.pid), cpu_seconds(backend.pid)
     result = await asyncio.to_thread(one_load_run, args, target.address, body_file, args.requests)
-    cpu1, backend1 = cpu_seconds(proc.pid), cpu_seconds(stack.backend.pid)
+    cpu1, backend1 = cpu_seconds(proc.pid), cpu_seconds(backend.pid)
     proc.check_alive()
+    handled1 = await asyncio.to_thread(scrape_handled, ops) if ops else None
+    await asyncio.sleep(0.2)  # let the backend's last log lines land
+    backend_calls = dict(backend_outcomes(backend.log, log_offset)[0]) if args.backend_log_calls else None
     try:
         await target.check(request)
         check = "ok"
     except grpc.aio.AioRpcError as e:
         check = f"{e.code().name}: {e.details()}"
-    return {**asdict(result), "cpu_s": cpu1 - cpu0, "backend_cpu_s": backend1 - backend0, "check_after": check}
+    return {**asdict(result), "cpu_s": cpu1 - cpu0, "backend_cpu_s": backend1 - backend0, "check_after": check,
+            "sidecar_handled": delta(handled0, handled1), "backend_calls": backend_calls}
 
 
 def summarize_load(runs: list[dict[str, Any]], frame_len: int) -> dict[str, Any]:
@@ -252,8 +266,20 @@ def summarize_load(runs: list[dict[str, Any]], frame_len: int) -> dict[str, Any]
         "backend_cpu_us_per_req": sum(r["backend_cpu_s"] for r in runs) / requests * 1e6,
         "ok_share": ok_share,
         "checks_after": [r["check_after"] for r in runs],
+        "sidecar_handled": _sum_counts([r["sidecar_handled"] for r in runs]),
+        "backend_calls": _sum_counts([r["backend_calls"] for r in runs]),
         "runs": runs,
     }
+
+
+def _sum_counts(counts: list[dict[str, int] | None]) -> dict[str, int] | None:
+    if any(c is None for c in counts):
+        return None
+    total: dict[str, int] = {}
+    for c in counts:
+        for key, value in (c or {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 # --------------------------------------------------------------------------- report
@@ -264,18 +290,37 @@ def added(latency: dict[str, Any], name: str, c: int) -> tuple[float, float]:
     return this["p50_us"] - base["p50_us"], this["p99_us"] - base["p99_us"]
 
 
-def ratios(results: dict[str, Any], concurrency: list[int]) -> dict[str, float | None]:
+def ratios(results: dict[str, Any], concurrency: list[int]) -> dict[str, dict[str, Any]]:
+    """sidecar/reference for added latency and CPU per request, with per-round ratios as a noise gauge."""
     lat, thr = results["latency"], results["throughput"]
     if "sidecar" not in lat:
         return {}
-    out: dict[str, float | None] = {}
+    out: dict[str, dict[str, Any]] = {}
     for c in concurrency:
         for i, q in enumerate(("p50", "p99")):
             ref, side = added(lat, "reference", c)[i], added(lat, "sidecar", c)[i]
-            out[f"added_{q}_c{c}"] = side / ref if ref > 0 else None
-    ref_cpu = thr["reference"]["cpu_us_per_req"]
-    out["cpu_per_req"] = thr["sidecar"]["cpu_us_per_req"] / ref_cpu if ref_cpu > 0 else None
+            out[f"added_{q}_c{c}"] = {"ratio": _ratio(side, ref)}
+        rounds = zip(lat["direct"][c]["round_p50_us"], lat["reference"][c]["round_p50_us"],
+                     lat["sidecar"][c]["round_p50_us"])
+        out[f"added_p50_c{c}"]["per_round"] = [_ratio(s - d, r - d) for d, r, s in rounds]
+    ref_runs, side_runs = thr["reference"]["runs"], thr["sidecar"]["runs"]
+    out["cpu_per_req"] = {
+        "ratio": _ratio(thr["sidecar"]["cpu_us_per_req"], thr["reference"]["cpu_us_per_req"]),
+        "per_round": [_ratio(s["cpu_s"] / s["requests"], r["cpu_s"] / r["requests"])
+                      for r, s in zip(ref_runs, side_runs)]}
     return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def _fmt_ratio(name: str, entry: dict[str, Any]) -> str:
+    text = f"{name.removeprefix('added_')} " + ("n/a" if entry["ratio"] is None else f"{entry['ratio']:.2f}x")
+    rounds = [r for r in entry.get("per_round", []) if r is not None]
+    if len(rounds) > 1:
+        text += f" [{min(rounds):.2f}..{max(rounds):.2f}]"
+    return text
 
 
 def render_table(results: dict[str, Any], concurrency: list[int]) -> str:
@@ -303,16 +348,29 @@ def render_table(results: dict[str, Any], concurrency: list[int]) -> str:
     if "stream" in results:
         lines.append("InferStream c=1 time-to-last-chunk p50/p99 µs: " + ", ".join(
             f"{n} {s['p50_us']:.0f}/{s['p99_us']:.0f}" for n, s in results["stream"].items()))
+    lines += cross_check_lines(thr)
     r = results["ratios"]
     if r:
-        parts = [f"{k.removeprefix('added_')} " + (f"{v:.2f}x" if v is not None else "n/a") for k, v in r.items()]
-        worst = max((v for v in r.values() if v is not None), default=0.0)
+        worst = max((e["ratio"] for e in r.values() if e["ratio"] is not None), default=0.0)
         verdict = "within" if worst <= TARGET_RATIO else "OVER"
-        lines.append(f"sidecar/reference (added latency; CPU per request): {', '.join(parts)} "
-                     f"-> {verdict} the {TARGET_RATIO}x target")
+        lines.append(f"sidecar/reference, added latency and CPU per request [per-round range]: "
+                     f"{', '.join(_fmt_ratio(k, e) for k, e in r.items())} -> {verdict} the {TARGET_RATIO}x target")
     lines.append("latencies in µs (+ = added vs direct); CPU µs/req = CPU time of the target's own process "
                  "(direct: the backend) / requests; ok = share of load requests that returned a response")
     return "\n".join(lines)
+
+
+def cross_check_lines(thr: dict[str, Any]) -> list[str]:
+    """What the load tool counted vs what the sidecar and the backend counted, where known."""
+    parts = []
+    for name, t in thr.items():
+        text = f"{name}: {t['tool']} {t['requests']}"
+        if t["sidecar_handled"] is not None:
+            text += f", sidecar handled {t['sidecar_handled']}"
+        if t["backend_calls"] is not None:
+            text += f", backend {t['backend_calls']}"
+        parts.append(text)
+    return ["load requests counted: " + "; ".join(parts)]
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

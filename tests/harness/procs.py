@@ -105,16 +105,19 @@ class ManagedProcess:
         return self._check_exit() is None
 
     def frozen(self) -> bool:
-        """True if the process is currently stopped (state ``T`` in /proc)."""
-        return self.alive() and self._proc_state() in ("T", "t")
+        """True if every thread of the process is stopped (state ``T`` in /proc), e.g. after SIGSTOP."""
+        states = self._thread_states()
+        return self.alive() and bool(states) and all(st in ("T", "t") for st in states)
 
-    def _proc_state(self) -> str | None:
-        """The one-letter state from ``/proc/<pid>/stat``, or None where unavailable."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return None
-        return stat.rpartition(")")[2].split()[0]
+    def _thread_states(self) -> list[str]:
+        """One-letter states of all threads from ``/proc/<pid>/task/*/stat`` ([] where unavailable)."""
+        states: list[str] = []
+        for stat_file in Path(f"/proc/{self.pid}/task").glob("*/stat"):
+            try:
+                states.append(stat_file.read_text().rpartition(")")[2].split()[0])
+            except (OSError, IndexError):
+                continue
+        return states
 
     def _check_exit(self) -> int | None:
         """Record the exit code if the child has exited, without reaping it."""
@@ -132,7 +135,7 @@ class ManagedProcess:
 
     def __repr__(self) -> str:
         if self.alive():
-            state = "frozen" if self._proc_state() in ("T", "t") else "running"
+            state = "frozen" if self.frozen() else "running"
         else:
             state = f"exited({self._exit_code})"
         return f"<ManagedProcess {self.argv[:3]!r} pid={self.pid} {state}>"
@@ -154,13 +157,19 @@ class ManagedProcess:
         return code
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the pid (e.g. SIGSTOP/SIGCONT to freeze and thaw a server).
+        """Send ``sig`` to the pid; SIGSTOP/SIGCONT return only once the freeze/thaw took effect.
 
-        Raises ProcessLookupError if the process has already exited.
+        SIGSTOP reaches a multi-threaded server's threads asynchronously, so this
+        waits (up to 5 s) until all threads show as stopped -- after it returns
+        the server will not answer. Raises ProcessLookupError if it already exited.
         """
         if not self.alive():
             raise ProcessLookupError(f"{self!r} has exited; not sending {_signal.Signals(sig).name}")
         os.kill(self.pid, sig)
+        if sig == _signal.SIGSTOP:
+            wait_until(self.frozen, 5.0, what=f"pid {self.pid} to stop", proc=self, interval=0.005)
+        elif sig == _signal.SIGCONT:
+            wait_until(lambda: not self.frozen(), 5.0, what=f"pid {self.pid} to continue", interval=0.005)
 
     def _signal_group(self, sig: int) -> None:
         """Send ``sig`` to the whole process group; safe because the leader is not yet reaped."""

@@ -1,0 +1,79 @@
+"""Weighted choice within the lowest priority tier: pure, seeded, checked statistically."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.config import BackendConfig
+from sidecar.routing.balancer import WeightedRandom
+from sidecar.routing.channels import Backend
+
+
+class NoChannel:
+    """The balancer never touches channels; Backend only asks for its two method callables."""
+
+    def unary_unary(self, method: str) -> None:
+        return None
+
+    def unary_stream(self, method: str) -> None:
+        return None
+
+
+def backends(*specs: tuple[str, float, int]) -> list[Backend]:
+    return [Backend("chat", BackendConfig(name=n, address=f"127.0.0.1:{6000 + i}", weight=w, priority=p),
+                    NoChannel())  # type: ignore[arg-type]
+            for i, (n, w, p) in enumerate(specs)]
+
+
+def split(balancer: WeightedRandom, n: int) -> Counter[str]:
+    picks = Counter[str]()
+    for _ in range(n):
+        backend = balancer.pick("chat")
+        assert backend is not None
+        picks[backend.name] += 1
+    return picks
+
+
+def test_split_follows_weights() -> None:
+    balancer = WeightedRandom({"chat": backends(("a", 3, 0), ("b", 1, 0))}, random.Random(7))
+    picks = split(balancer, 20_000)
+    # 3:1 -> 15,000 expected for a; 4 sigma of a binomial(20000, .75) is about 245
+    assert abs(picks["a"] - 15_000) < 245
+
+
+def test_only_the_lowest_tier_with_weight_is_used() -> None:
+    balancer = WeightedRandom({"chat": backends(("a", 1, 0), ("b", 1, 0), ("failover", 5, 1))}, random.Random(1))
+    assert set(split(balancer, 1000)) == {"a", "b"}
+
+
+def test_a_tier_with_zero_weight_falls_through_to_the_next() -> None:
+    balancer = WeightedRandom({"chat": backends(("a", 0, 0), ("failover", 1, 1))}, random.Random(1))
+    assert set(split(balancer, 100)) == {"failover"}
+
+
+def test_no_weight_anywhere_means_no_backend() -> None:
+    balancer = WeightedRandom({"chat": backends(("a", 0, 0))}, random.Random(1))
+    assert balancer.pick("chat") is None
+    assert balancer.pick("unknown") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 100), st.integers(0, 3)), min_size=1, max_size=8), st.integers())
+def test_pick_is_always_from_the_first_tier_with_positive_weight(
+        specs: list[tuple[float, int]], seed: int) -> None:
+    pool = backends(*((f"b{i}", w, p) for i, (w, p) in enumerate(specs)))
+    balancer = WeightedRandom({"chat": pool}, random.Random(seed))
+    tiers = sorted({p for w, p in specs if w > 0})
+    picked = balancer.pick("chat")
+    if not tiers:
+        assert picked is None
+    else:
+        assert picked is not None and picked.config.priority == tiers[0] and picked.config.weight > 0
+
+
+def test_repr_is_readable() -> None:
+    assert repr(backends(("a", 2, 0))[0]) == "<Backend chat/a 127.0.0.1:6000 w=2>"
+    assert repr(WeightedRandom({"chat": []})) == "<WeightedRandom models=['chat']>"

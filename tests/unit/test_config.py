@@ -1,0 +1,108 @@
+"""Config validation: one small YAML per invalid case, each with the exact key-path message."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import Config, ConfigError, key_path, load_config, parse_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+INVALID = sorted((CONFIGS / "invalid").glob("*.yaml"))
+VALID = sorted((CONFIGS / "valid").glob("*.yaml"))
+
+
+def expected_problems(path: Path) -> list[str]:
+    return [line.removeprefix("# expect: ") for line in path.read_text().splitlines()
+            if line.startswith("# expect: ")]
+
+
+def test_there_is_a_case_for_every_message_kind() -> None:
+    assert len(INVALID) >= 20
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_invalid_config_names_the_key_path(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIDECAR_TEST_UNSET_VARIABLE", raising=False)
+    expected = expected_problems(path)
+    assert expected, f"{path.name} has no '# expect:' line"
+    with pytest.raises(ConfigError) as failure:
+        load_config(path)
+    assert failure.value.problems == expected
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
+def test_valid_configs_load(path: Path) -> None:
+    assert isinstance(load_config(path), Config)
+
+
+def test_defaults_are_the_contract_ports() -> None:
+    config = load_config(CONFIGS / "valid" / "minimal.yaml")
+    assert (config.listen, config.admin_listen, config.ops_listen) == (
+        "127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:9464")
+    assert config.models["chat"].timeout_ms == 30_000
+    backend = config.models["chat"].backends[0]
+    assert (backend.weight, backend.priority) == (1.0, 0)
+
+
+def test_env_substitution_with_and_without_defaults() -> None:
+    text = (CONFIGS / "valid" / "full.yaml").read_text()
+    config = parse_config(text, environ={"SIDECAR_TEST_BACKEND_B": "10.0.0.9:7000"})
+    assert config.listen == "127.0.0.1:50051"  # the default after :-
+    assert config.models["chat"].backends[1].address == "10.0.0.9:7000"
+    assert parse_config(text, environ={"SIDECAR_TEST_LISTEN": "127.0.0.1:1"}).listen == "127.0.0.1:1"
+
+
+def test_env_values_are_validated_like_literals() -> None:
+    text = "models: {chat: {timeout_ms: '${T}', backends: [{name: a, address: 'h:1'}]}}"
+    assert parse_config(text, environ={"T": "250"}).models["chat"].timeout_ms == 250
+    with pytest.raises(ConfigError) as failure:
+        parse_config(text, environ={"T": "-1"})
+    assert failure.value.problems == ["models.chat.timeout_ms: must be > 0"]
+
+
+def test_config_is_immutable() -> None:
+    config = load_config(CONFIGS / "valid" / "minimal.yaml")
+    with pytest.raises(Exception):
+        config.listen = "127.0.0.1:1"  # type: ignore[misc]
+
+
+def test_unreadable_file() -> None:
+    with pytest.raises(ConfigError) as failure:
+        load_config("/nonexistent/sidecar.yaml")
+    assert failure.value.problems[0].startswith("/nonexistent/sidecar.yaml: cannot read")
+
+
+@pytest.mark.parametrize(("loc", "path"), [
+    (("models", "chat", "backends", 1, "weight"), "models.chat.backends[1].weight"),
+    ((), "(root)"),
+    (("listen",), "listen"),
+])
+def test_key_path(loc: tuple[str | int, ...], path: str) -> None:
+    assert key_path(loc) == path
+
+
+def test_check_config_command_prints_one_line_per_error_and_exits_2() -> None:
+    path = CONFIGS / "invalid" / "several_errors_at_once.yaml"
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == expected_problems(path)
+
+
+def test_check_config_command_accepts_a_valid_file() -> None:
+    path = CONFIGS / "valid" / "full.yaml"
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"{path}: ok"
+
+
+def test_run_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None:
+    path = CONFIGS / "invalid" / "weight_negative.yaml"
+    result = subprocess.run([sys.executable, "-m", "sidecar", "run", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "models.chat.backends[1].weight: must be >= 0" in result.stderr
