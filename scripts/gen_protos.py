@@ -26,13 +26,13 @@ TOP_LEVEL = ("inference", "sidecar")  # top-level proto packages we generate
 def _rewrite_imports(text: str) -> str:
     """`from inference.v1 import x` -> `from sidecar_client.inference.v1 import x` (and `import`)."""
     tops = "|".join(TOP_LEVEL)
-    text = re.sub(rf"^from ({tops})(\.[\w.]+)? import", rf"from {PACKAGE}.\1\2 import", text, flags=re.M)
-    return re.sub(rf"^import ({tops})\.", rf"import {PACKAGE}.\1.", text, flags=re.M)
+    text = re.sub(rf"^from ({tops})(\.[\w.]+)? import", rf"from {PACKAGE}.\1\2 import", text, flags=re.MULTILINE)
+    return re.sub(rf"^import ({tops})\.", rf"import {PACKAGE}.\1.", text, flags=re.MULTILINE)
 
 
 def generate(out: Path) -> list[Path]:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))

@@ -20,6 +20,7 @@ from sidecar.pipeline import Pipeline
 from sidecar.stages import proxy
 
 SERVICE = "inference.v1.Inference"
+Context = grpc.aio.ServicerContext[bytes, bytes]
 log = logging.getLogger("sidecar.server")
 
 
@@ -63,14 +64,14 @@ class InferenceHandlers:
         self._pipeline = pipeline
         self._in_flight = in_flight
 
-    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
         return {
             "Infer": grpc.unary_unary_rpc_method_handler(self.infer),
             "InferStream": grpc.unary_stream_rpc_method_handler(self.infer_stream),
         }
 
-    async def _admit(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> Call:
-        call = begin_call(method, raw, context.invocation_metadata() or (), context.time_remaining())
+    async def _admit(self, method: str, raw: bytes, context: Context) -> Call:
+        call = begin_call(method, raw, tuple(context.invocation_metadata() or ()), context.time_remaining())
         try:
             self._in_flight.enter()
         except SidecarError as exc:
@@ -78,12 +79,12 @@ class InferenceHandlers:
         try:
             call.parse()
             await self._pipeline.admit(call)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure goes to rescue()
             self._in_flight.leave()
             await _abort(context, call, exc)
         return call
 
-    async def infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def infer(self, raw: bytes, context: Context) -> bytes:
         call = await self._admit("Infer", raw, context)
         try:
             rpc = proxy.start_unary(call)
@@ -97,20 +98,20 @@ class InferenceHandlers:
         finally:
             self._in_flight.leave()
 
-    async def infer_stream(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def infer_stream(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         call = await self._admit("InferStream", raw, context)
         try:
             await context.send_initial_metadata((("x-request-id", call.request_id),))
             async for chunk in proxy.relay_stream(call):
                 yield chunk
             call.status = "OK"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure goes to rescue()
             await _abort(context, call, exc)
         finally:
             self._in_flight.leave()
 
 
-async def _abort(context: grpc.aio.ServicerContext, call: Call, exc: BaseException) -> None:
+async def _abort(context: Context, call: Call, exc: BaseException) -> None:
     """Ends the RPC with the rescued status; always raises (grpc's abort exception)."""
     if isinstance(exc, asyncio.CancelledError):
         raise exc

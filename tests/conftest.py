@@ -76,7 +76,7 @@ def fresh_tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroke
 #
 # Started through their console commands as separate processes; stopped by pid at teardown.
 
-from tests.harness.sidecar import BackendProc, SidecarProc, start_backend, start_sidecar  # noqa: E402
+from tests.harness.sidecar import BackendProc, SidecarProc, start_backend, start_sidecar
 
 
 @pytest.fixture(scope="session")

@@ -21,12 +21,15 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from sidecar_client.inference.v1 import inference_pb2, inference_pb2_grpc
 from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest, InferResponse, Usage
+
+Context = grpc.aio.ServicerContext[InferRequest, Any]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class DemoBackend(inference_pb2_grpc.InferenceServicer):
         self._padding = b"\x00" * options.chunk_bytes
 
     def _plan(self, request: InferRequest) -> _Plan:
-        params = dict(request.parameters.items()) if request.HasField("parameters") else {}
+        params: dict[str, Any] = dict(request.parameters.items()) if request.HasField("parameters") else {}
         limit = int(params.get("tokens", self.options.tokens))
         if request.max_output_tokens:
             cut = min(limit, request.max_output_tokens)
@@ -75,7 +78,7 @@ class DemoBackend(inference_pb2_grpc.InferenceServicer):
                      float(params.get("chunk_delay_ms", 0)) / 1000.0,
                      grpc.StatusCode[str(fail_code)] if fail_code else None)
 
-    async def Infer(self, request: InferRequest, context: grpc.aio.ServicerContext) -> InferResponse:
+    async def Infer(self, request: InferRequest, context: Context) -> InferResponse:
         plan = self._plan(request)
         async with self._observed("Infer", request, context):
             await self._prelude(plan, context)
@@ -85,7 +88,7 @@ class DemoBackend(inference_pb2_grpc.InferenceServicer):
                                  finish_reason=plan.finish_reason)
 
     async def InferStream(self, request: InferRequest,
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[InferChunk]:
+                          context: Context) -> AsyncIterator[InferChunk]:
         plan = self._plan(request)
         async with self._observed("InferStream", request, context):
             await self._prelude(plan, context)
@@ -102,20 +105,20 @@ class DemoBackend(inference_pb2_grpc.InferenceServicer):
                 yield InferChunk(usage=Usage(input_tokens=len(request.input.split())),
                                  finish_reason=plan.finish_reason)
 
-    async def _prelude(self, plan: _Plan, context: grpc.aio.ServicerContext) -> None:
+    async def _prelude(self, plan: _Plan, context: Context) -> None:
         if plan.delay:
             await asyncio.sleep(plan.delay)
         if plan.fail_code is not None:
             await context.abort(plan.fail_code, f"demo backend failure ({plan.fail_code.name})")
 
-    def _observed(self, method: str, request: InferRequest, context: grpc.aio.ServicerContext) -> _CallLog:
+    def _observed(self, method: str, request: InferRequest, context: Context) -> _CallLog:
         return _CallLog(self.options.log_calls, method, request, context)
 
 
 class _CallLog:
     """Logs one call's metadata keys and outcome (when --log-calls is on)."""
 
-    def __init__(self, enabled: bool, method: str, request: InferRequest, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, enabled: bool, method: str, request: InferRequest, context: Context) -> None:
         self.enabled = enabled
         self.method, self.request, self.context = method, request, context
         self.started = time.perf_counter()

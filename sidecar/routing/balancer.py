@@ -23,7 +23,7 @@ class Balancer(Protocol):
 class _WeightedTable:
     """Cumulative weights of one tier, for O(log n) weighted choice."""
 
-    __slots__ = ("items", "cumulative", "total")
+    __slots__ = ("cumulative", "items", "total")
 
     def __init__(self, items: Sequence[Backend]) -> None:
         self.items = list(items)

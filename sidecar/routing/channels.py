@@ -37,8 +37,8 @@ class Backend:
     model: str
     config: BackendConfig
     channel: grpc.aio.Channel
-    infer: grpc.aio.UnaryUnaryMultiCallable = field(init=False)
-    infer_stream: grpc.aio.UnaryStreamMultiCallable = field(init=False)
+    infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = field(init=False)
+    infer_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = field(init=False)
 
     def __post_init__(self) -> None:
         self.infer = self.channel.unary_unary(INFER)

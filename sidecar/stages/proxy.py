@@ -16,14 +16,14 @@ from sidecar.errors import BACKEND_ERROR, SidecarError
 from sidecar.routing.channels import Backend
 
 
-def start_unary(call: Call) -> grpc.aio.UnaryUnaryCall:
+def start_unary(call: Call) -> grpc.aio.UnaryUnaryCall[bytes, bytes]:
     """Starts the backend call at once, so it runs while the server sends response headers."""
     assert call.backend is not None
     return call.backend.infer(call.raw_request, timeout=call.backend_timeout(),
                               metadata=call.forward_metadata)
 
 
-async def finish_unary(call: Call, rpc: grpc.aio.UnaryUnaryCall) -> bytes:
+async def finish_unary(call: Call, rpc: grpc.aio.UnaryUnaryCall[bytes, bytes]) -> bytes:
     assert call.backend is not None
     try:
         response: bytes = await rpc

@@ -39,12 +39,11 @@ def sidecar(backend: BackendProc, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def fail(target: str, request: InferRequest | bytes, *, stream: bool = False, timeout: float = 10) -> ErrorDetail:
     raw = request if isinstance(request, bytes) else request.SerializeToString()
-    with grpc.insecure_channel(target) as channel:
-        with pytest.raises(grpc.RpcError) as failure:
-            if stream:
-                list(channel.unary_stream(INFER_STREAM)(raw, timeout=timeout))
-            else:
-                channel.unary_unary(INFER)(raw, timeout=timeout)
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as failure:
+        if stream:
+            list(channel.unary_stream(INFER_STREAM)(raw, timeout=timeout))
+        else:
+            channel.unary_unary(INFER)(raw, timeout=timeout)
     detail = error_detail(failure.value)
     assert detail.domain == "sidecar", detail
     assert "127.0.0.1" not in detail.message and "Traceback" not in detail.message
@@ -104,10 +103,9 @@ def test_no_backend_with_weight(sidecar: SidecarProc) -> None:
 
 
 def test_errors_carry_the_request_id(sidecar: SidecarProc) -> None:
-    with grpc.insecure_channel(sidecar.listen) as channel:
-        with pytest.raises(grpc.RpcError) as failure:
-            channel.unary_unary(INFER)(InferRequest(model="nope").SerializeToString(),
-                                       metadata=(("x-request-id", "err-1"),))
+    with grpc.insecure_channel(sidecar.listen) as channel, pytest.raises(grpc.RpcError) as failure:
+        channel.unary_unary(INFER)(InferRequest(model="nope").SerializeToString(),
+                                   metadata=(("x-request-id", "err-1"),))
     assert ("x-request-id", "err-1") in tuple(failure.value.trailing_metadata())
 
 
@@ -131,10 +129,10 @@ async def test_unexpected_exception_becomes_internal_error(caplog: pytest.LogCap
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with caplog.at_level(logging.ERROR, logger="sidecar.errors"):
-                with pytest.raises(grpc.aio.AioRpcError) as failure:
-                    await channel.unary_unary(INFER)(InferRequest(model="chat").SerializeToString(),
-                                                     metadata=(("x-request-id", "bug-1"),))
+            with caplog.at_level(logging.ERROR, logger="sidecar.errors"), \
+                    pytest.raises(grpc.aio.AioRpcError) as failure:
+                await channel.unary_unary(INFER)(InferRequest(model="chat").SerializeToString(),
+                                                 metadata=(("x-request-id", "bug-1"),))
     finally:
         await server.stop(None)
     detail = error_detail(failure.value)

@@ -19,7 +19,7 @@ from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferRespons
 from tests.conftest import Launcher
 from tests.grpc.test_proxy import INFER, params
 from tests.harness.procs import wait_until
-from tests.harness.sidecar import BackendProc, SidecarProc, health_status, one_model
+from tests.harness.sidecar import BackendProc, health_status, one_model
 
 
 def http_get(url: str) -> tuple[int, dict[str, Any]]:

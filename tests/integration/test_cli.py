@@ -12,7 +12,7 @@ from tests.harness.sidecar import SIDECAR, BackendProc, health_status, one_model
 
 
 def sidecar_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SIDECAR, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([*SIDECAR, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_hash_key_prints_the_sha256_form() -> None:
@@ -67,7 +67,7 @@ def test_demo_runs_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=True).stdout
     return [int(p) for p in out.split()]
 
 
@@ -79,7 +79,7 @@ def test_run_reports_a_port_in_use(backend: BackendProc, tmp_path: Path) -> None
         clash = text.replace(own_listen, f"listen: {first.listen}")
         path = tmp_path / "clash.yaml"
         path.write_text(clash)
-        result = subprocess.run([*SIDECAR, "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([*SIDECAR, "run", "--config", str(path)], capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 1
         assert f"cannot listen on {first.listen}" in result.stderr
     finally:

@@ -11,6 +11,6 @@ The generated modules mirror the proto packages::
 """
 from __future__ import annotations
 
-from sidecar_client.helpers import SidecarClient, ErrorDetail, error_detail
+from sidecar_client.helpers import ErrorDetail, SidecarClient, error_detail
 
-__all__ = ["SidecarClient", "ErrorDetail", "error_detail"]
+__all__ = ["ErrorDetail", "SidecarClient", "error_detail"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -31,7 +31,7 @@ class SidecarClient:
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
 
-    async def __aenter__(self) -> SidecarClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
