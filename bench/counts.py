@@ -33,7 +33,7 @@ def scrape_handled(ops_address: str, method: str = "Infer") -> Counter[str] | No
         labels = dict(_LABEL.findall(match[2] or ""))
         if labels.get("grpc_method", method) == method:
             code = labels.get("grpc_code", labels.get("code", "?"))
-            counts[code] += int(float(match[3]))
+            counts[str(code)] += int(float(match[3]))
     return counts if found else None
 
 

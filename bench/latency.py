@@ -28,8 +28,9 @@ class Target:
         self.name = name
         self.address = address
         self.channel = grpc.aio.insecure_channel(address)
-        self.infer = self.channel.unary_unary(INFER)
-        self.infer_stream = self.channel.unary_stream(INFER_STREAM)
+        self.infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(INFER)
+        self.infer_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self.channel.unary_stream(
+            INFER_STREAM)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -1,11 +1,11 @@
 """Throughput load: h2load with gRPC framing, or a multi-process Python fallback (bench/pyload.py)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import struct
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +34,13 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def run_h2load(address: str, body_file: Path, requests: int, connections: int, streams: int,
-               timeout: float, prefix: list[str] | None = None) -> LoadResult:
+async def run_h2load(address: str, body_file: Path, requests: int, connections: int, streams: int,
+                     timeout: float, prefix: list[str] | None = None) -> LoadResult:
     """One h2load run (prefix: e.g. a taskset command to pin it)."""
     argv = [*(prefix or []), "h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams), "-t", "1",
             "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-N", "10s", f"http://{address}{INFER}"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True).stdout
-    return parse_h2load(out)
+    return parse_h2load(await _output(argv, timeout))
 
 
 def parse_h2load(out: str) -> LoadResult:
@@ -55,15 +54,31 @@ def parse_h2load(out: str) -> LoadResult:
                       rps=float(finished[3]), data_bytes=int(data[1]))
 
 
-def run_pyload(address: str, body_hex: str, requests: int, processes: int, concurrency: int,
-               timeout: float) -> LoadResult:
+async def run_pyload(address: str, body_hex: str, requests: int, processes: int, concurrency: int,
+                     timeout: float) -> LoadResult:
     """Fallback: `processes` Python workers, each `concurrency` in-flight calls on one channel."""
     shares = [requests // processes + (1 if i < requests % processes else 0) for i in range(processes)]
-    workers = [subprocess.Popen([sys.executable, str(PYLOAD), "--target", address, "--body-hex", body_hex,
-                                 "--requests", str(n), "--concurrency", str(concurrency)],
-                                stdout=subprocess.PIPE, text=True) for n in shares]
-    reports = [json.loads(w.communicate(timeout=timeout)[0]) for w in workers]
+    outputs = await asyncio.gather(*(
+        _output([sys.executable, str(PYLOAD), "--target", address, "--body-hex", body_hex,
+                 "--requests", str(n), "--concurrency", str(concurrency)], timeout) for n in shares))
+    reports = [json.loads(out) for out in outputs]
     seconds = max(r["end"] for r in reports) - min(r["start"] for r in reports)
     ok = sum(r["ok"] for r in reports)
     done = sum(r["ok"] + r["errors"] for r in reports)
     return LoadResult(tool="pyload", requests=done, grpc_ok=ok, seconds=seconds, rps=ok / seconds)
+
+
+async def _output(argv: list[str], timeout: float) -> str:
+    """stdout of argv; the process is killed if this is cancelled or times out."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
+    return out.decode()

@@ -16,7 +16,7 @@ async def load(target: str, body: bytes, requests: int, concurrency: int) -> dic
     remaining = requests
     async with grpc.aio.insecure_channel(target) as channel:
         await channel.channel_ready()
-        infer = channel.unary_unary(INFER)
+        infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER)
 
         async def worker() -> None:
             nonlocal remaining

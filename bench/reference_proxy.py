@@ -17,17 +17,18 @@ SERVICE = "inference.v1.Inference"
 async def serve(listen: str, backend: str) -> None:
     channel = grpc.aio.insecure_channel(backend)
     # No (de)serializers anywhere: bytes in, bytes out.
-    infer = channel.unary_unary(f"/{SERVICE}/Infer")
-    infer_stream = channel.unary_stream(f"/{SERVICE}/InferStream")
+    infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{SERVICE}/Infer")
+    infer_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+        f"/{SERVICE}/InferStream")
 
-    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
             return await infer(request, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as e:
             await context.abort(e.code(), e.details() or "")
             raise  # unreachable: abort raises
 
-    async def stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def stream(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
         try:
             async for chunk in infer_stream(request, timeout=context.time_remaining()):
                 yield chunk
