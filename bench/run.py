@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the backend with --log-calls and count its Infer outcomes per load run "
                    "(costs the backend a little CPU per call)")
     p.add_argument("--no-sidecar", action="store_true", help="measure direct and reference only")
+    p.add_argument("--no-rid-reference", action="store_true",
+                   help="skip target 'reference+rid': the reference proxy with --request-id")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="pin load generators (this process, h2load) to one CPU and the servers to another; "
                    "default: on when 2+ CPUs are available")
@@ -159,6 +161,8 @@ async def start_stack(args: argparse.Namespace, stack: Stack, request: bytes) ->
     if loop == "auto":
         loop = stack.loops.get("sidecar", "asyncio")
     await start_reference(stack, "reference", loop, backend_addr, server_cpus)
+    if not args.no_rid_reference:
+        await start_reference(stack, "reference+rid", loop, backend_addr, server_cpus, "--request-id")
     if args.both_loops:
         await start_reference(stack, "reference-alt", "asyncio" if loop == "uvloop" else "uvloop",
                               backend_addr, server_cpus)
@@ -169,9 +173,11 @@ async def start_stack(args: argparse.Namespace, stack: Stack, request: bytes) ->
         await target.wait_ok(request)
 
 
-async def start_reference(stack: Stack, name: str, loop: str, backend: str, cpus: str | None) -> None:
+async def start_reference(stack: Stack, name: str, loop: str, backend: str, cpus: str | None,
+                          *extra: str) -> None:
     address = loopback()
-    argv = [sys.executable, str(BENCH_DIR / "reference_proxy.py"), "--listen", address, "--backend", backend]
+    argv = [sys.executable, str(BENCH_DIR / "reference_proxy.py"), "--listen", address, "--backend", backend,
+            *extra]
     proc = stack.add(start(name, [*argv, *(["--uvloop"] if loop == "uvloop" else [])], stack.tmp, cpus))
     stack.targets.append(Target(name, address))
     stack.proxy[name] = proc
@@ -314,22 +320,23 @@ def added(latency: dict[str, Any], name: str, c: int) -> tuple[float, float]:
     return this["p50_us"] - base["p50_us"], this["p99_us"] - base["p99_us"]
 
 
-def ratios(results: dict[str, Any], concurrency: list[int]) -> dict[str, dict[str, Any]]:
+def ratios(results: dict[str, Any], concurrency: list[int],
+           reference: str = "reference") -> dict[str, dict[str, Any]]:
     """sidecar/reference for added latency and CPU per request, with per-round ratios as a noise gauge."""
     lat, thr = results["latency"], results["throughput"]
-    if "sidecar" not in lat:
+    if "sidecar" not in lat or reference not in lat:
         return {}
     out: dict[str, dict[str, Any]] = {}
     for c in concurrency:
         for i, q in enumerate(("p50", "p99")):
-            ref, side = added(lat, "reference", c)[i], added(lat, "sidecar", c)[i]
+            ref, side = added(lat, reference, c)[i], added(lat, "sidecar", c)[i]
             out[f"added_{q}_c{c}"] = {"ratio": _ratio(side, ref)}
-        rounds = zip(lat["direct"][c]["round_p50_us"], lat["reference"][c]["round_p50_us"],
+        rounds = zip(lat["direct"][c]["round_p50_us"], lat[reference][c]["round_p50_us"],
                      lat["sidecar"][c]["round_p50_us"])
         out[f"added_p50_c{c}"]["per_round"] = [_ratio(s - d, r - d) for d, r, s in rounds]
-    ref_runs, side_runs = thr["reference"]["runs"], thr["sidecar"]["runs"]
+    ref_runs, side_runs = thr[reference]["runs"], thr["sidecar"]["runs"]
     out["cpu_per_req"] = {
-        "ratio": _ratio(thr["sidecar"]["cpu_us_per_req"], thr["reference"]["cpu_us_per_req"]),
+        "ratio": _ratio(thr["sidecar"]["cpu_us_per_req"], thr[reference]["cpu_us_per_req"]),
         "per_round": [_ratio(s["cpu_s"] / s["requests"], r["cpu_s"] / r["requests"])
                       for r, s in zip(ref_runs, side_runs)]}
     return out
@@ -379,6 +386,10 @@ def render_table(results: dict[str, Any], concurrency: list[int]) -> str:
         verdict = "within" if worst <= TARGET_RATIO else "OVER"
         lines.append(f"sidecar/reference, added latency and CPU per request [per-round range]: "
                      f"{', '.join(_fmt_ratio(k, e) for k, e in r.items())} -> {verdict} the {TARGET_RATIO}x target")
+    rid = results.get("ratios_vs_rid_reference")
+    if rid:
+        lines.append("sidecar/reference+rid (a bare hop that also forwards and echoes x-request-id, as CONTRACT §2 "
+                     f"requires): {', '.join(_fmt_ratio(k, e) for k, e in rid.items())}")
     lines.append("latencies in µs (+ = added vs direct); CPU µs/req = CPU time of the target's own process "
                  "(direct: the backend) / requests; ok = share of load requests that returned a response")
     return "\n".join(lines)
@@ -431,6 +442,7 @@ async def bench(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
           file=sys.stderr)
     results["throughput"] = await measure_throughput(args, stack, request)
     results["ratios"] = ratios(results, args.concurrency)
+    results["ratios_vs_rid_reference"] = ratios(results, args.concurrency, "reference+rid")
     results["seconds"] = time.monotonic() - t0
     return results
 

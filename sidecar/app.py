@@ -22,7 +22,7 @@ from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
 from sidecar.routing.balancer import WeightedRandom
-from sidecar.routing.channels import Channels, channel_options
+from sidecar.routing.channels import Channels, message_options
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
 
 log = logging.getLogger("sidecar.app")
@@ -57,7 +57,8 @@ class Sidecar:
         self._stopped = asyncio.Event()
 
     def _grpc_server(self) -> grpc.aio.Server:
-        options = [*channel_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)]
+        # so_reuseport off: a second sidecar on the same port must fail, not share the traffic
+        options = [*message_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)]
         return grpc.aio.server(options=options)
 
     async def start(self) -> None:

@@ -15,14 +15,21 @@ INFER = "/inference.v1.Inference/Infer"
 INFER_STREAM = "/inference.v1.Inference/InferStream"
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options of the backend channels.
+
+    No keepalive pings: grpc servers by default answer pings without calls more often than every
+    5 minutes with GOAWAY (too_many_pings). Dead backends are found by health checks instead.
+    """
+    return [
+        *message_options(max_message_bytes),
         # fail fast when a backend is down instead of waiting out the deadline in backoff
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
