@@ -28,6 +28,11 @@ async def serve(listen: str, backend: str, request_id: bool) -> None:
 
     async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
+            if request_id:
+                metadata = (("x-request-id", os.urandom(16).hex()),)
+                call = infer(request, timeout=context.time_remaining(), metadata=metadata)
+                await context.send_initial_metadata(metadata)
+                return await call
             return await infer(request, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as e:
             await context.abort(e.code(), e.details() or "")
