@@ -26,6 +26,8 @@ protos: $(STAMP)
 	$(BIN)/pip install --quiet -e ./clients/python
 
 bench: $(STAMP)
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client) \
+		|| echo "no h2load: bench/ falls back to its Python load generator"
 	$(BIN)/python bench/run.py
 
 lint: $(STAMP)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.harness.servers import TANSU_STOP_TIMEOUT, TansuBroker, start_tansu, start_valkey
+from tests.harness.sidecar import BackendProc, SidecarProc, start_backend, start_sidecar
 
 # --- external servers: Valkey, Tansu ---
 #
@@ -76,8 +78,6 @@ def fresh_tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroke
 #
 # Started through their console commands as separate processes; stopped by pid at teardown.
 
-from tests.harness.sidecar import BackendProc, SidecarProc, start_backend, start_sidecar
-
 
 @pytest.fixture(scope="session")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendProc]:
@@ -90,9 +90,9 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendProc]:
 
 
 @pytest.fixture
-def launch(tmp_path: pytest.TempPathFactory) -> Iterator[Launcher]:
+def launch(tmp_path: Path) -> Iterator[Launcher]:
     """Starts backends and sidecars for one test and stops all of them afterwards."""
-    launcher = Launcher(tmp_path)  # type: ignore[arg-type]
+    launcher = Launcher(tmp_path)
     try:
         yield launcher
     finally:
@@ -100,10 +100,8 @@ def launch(tmp_path: pytest.TempPathFactory) -> Iterator[Launcher]:
 
 
 class Launcher:
-    def __init__(self, workdir: os.PathLike[str]) -> None:
-        from pathlib import Path
-
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
         self._procs: list[BackendProc | SidecarProc] = []
 
     def backend(self, *args: str) -> BackendProc:
