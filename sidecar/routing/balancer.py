@@ -32,7 +32,8 @@ class _WeightedTable:
 
     def choose(self, rng: random.Random) -> Backend:
         point = rng.random() * self.total
-        return self.items[bisect.bisect_right(self.cumulative, point)]
+        # random() < 1, but the product can round up to `total` (tiny weights): clamp to the last
+        return self.items[min(bisect.bisect_right(self.cumulative, point), len(self.items) - 1)]
 
 
 class WeightedRandom:
