@@ -74,6 +74,8 @@ class Sidecar:
         self.listeners.ops_listen = _with_port(self.config.ops_listen, await self._ops.start(self.config.ops_listen))
         await self._server.start()
         await self._admin.start()
+        if self.config.auth is None:
+            log.warning("auth is not configured: every caller is accepted as org 'anonymous'")
         await self.health.mark_started()
         log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,
                                          "ops_listen": self.listeners.ops_listen,

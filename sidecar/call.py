@@ -41,6 +41,8 @@ class Call:
     forward_metadata: tuple[tuple[str, str], ...]
     time_remaining: float | None     # seconds until the caller's deadline, at arrival
     started: float = field(default_factory=time.perf_counter)
+    org: str = ""                    # set by authentication
+    api_key_id: str = ""             # the key's configured id, never the key
     model: ModelConfig | None = None
     backend: Backend | None = None
     status: str = "UNKNOWN"          # gRPC code name once the call ended

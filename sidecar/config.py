@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
 
 
 class ConfigError(Exception):
@@ -44,7 +45,17 @@ def _name(value: str) -> str:
     return value
 
 
+def _sha256(value: str) -> str:
+    """`sha256:<hex>` (as `sidecar hash-key` prints it) or bare hex -> lower-case hex."""
+    match = _SHA256.match(value.strip())
+    if match is None:
+        raise ValueError("must be a SHA-256 hex digest (64 hex digits, optionally prefixed 'sha256:'); "
+                         "make one with `sidecar hash-key KEY`")
+    return match.group(2).lower()
+
+
 Address = Annotated[str, AfterValidator(_address)]
+Sha256 = Annotated[str, AfterValidator(_sha256)]
 Name = Annotated[str, AfterValidator(_name)]
 
 
@@ -73,6 +84,27 @@ class ModelConfig(_Section):
         return self
 
 
+class ApiKeyConfig(_Section):
+    id: Name                                  # appears in logs, metrics, usage records; the key never does
+    sha256: Sha256
+    org: Name
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # glob patterns
+
+
+class AuthConfig(_Section):
+    api_keys: list[ApiKeyConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthConfig:
+        ids = [k.id for k in self.api_keys]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"api key id {twice[0]!r} is used twice")
+        if len({k.sha256 for k in self.api_keys}) != len(self.api_keys):
+            raise ValueError("two api keys have the same sha256")
+        return self
+
+
 class ShutdownConfig(_Section):
     grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
 
@@ -83,6 +115,7 @@ class Config(_Section):
     ops_listen: Address = "127.0.0.1:9464"
     max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     shutdown: ShutdownConfig = ShutdownConfig()
+    auth: AuthConfig | None = None            # None: every caller is accepted (see docs)
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

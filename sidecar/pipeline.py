@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from sidecar.call import Call
 from sidecar.config import Config
 from sidecar.routing.balancer import Balancer
+from sidecar.stages.auth import Authenticate
 from sidecar.stages.route import Route
 
 Stage = Callable[[Call], Awaitable[None]]
@@ -29,7 +30,9 @@ class Pipeline:
 
 def build_pipeline(config: Callable[[], Config], balancer: Balancer) -> Pipeline:
     return Pipeline([
-        # route last: resolving the model and taking a backend is only worth it for a call
+        # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
+        Authenticate(config),
+        # 2. route last: resolving the model and taking a backend is only worth it for a call
         # that every earlier stage admitted.
         Route(config, balancer),
     ])

@@ -7,6 +7,7 @@ SIGTERM) drains the sidecar, then stops the backends.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import socket
 import subprocess
@@ -17,11 +18,15 @@ from pathlib import Path
 from sidecar.app import Sidecar
 from sidecar.config import Config, ConfigError, parse_config
 
+DEMO_API_KEY = "demo-key"  # a demo needs a known key; real configs hold digests of secret keys
 DEMO_CONFIG = """\
 listen: {listen}
 admin_listen: {admin_listen}
 ops_listen: {ops_listen}
 shutdown: {{grace_ms: 5000}}
+auth:
+  api_keys:
+    - {{id: demo-app, sha256: "{demo_key_digest}", org: demo, models: ["*"]}}
 models:
   chat:
     timeout_ms: 30000
@@ -58,8 +63,9 @@ def _wait_listening(address: str, proc: subprocess.Popen[bytes], timeout: float 
 
 
 def demo_config(listen: str, admin_listen: str, ops_listen: str, backend_a: str, backend_b: str) -> Config:
+    digest = hashlib.sha256(DEMO_API_KEY.encode()).hexdigest()
     return parse_config(DEMO_CONFIG.format(listen=listen, admin_listen=admin_listen, ops_listen=ops_listen,
-                                           backend_a=backend_a, backend_b=backend_b))
+                                           backend_a=backend_a, backend_b=backend_b, demo_key_digest=digest))
 
 
 def run_demo(listen: str, admin_listen: str, ops_listen: str) -> int:
@@ -111,12 +117,13 @@ def _print_banner(sidecar: Sidecar, backends: list[str]) -> None:
     print(f"""
 sidecar demo is running
   inference (gRPC)   {target}     model "chat" -> backends a (weight 3), b (weight 1)
+                                       API key "{DEMO_API_KEY}" (org "demo")
   admin (gRPC)       {sidecar.listeners.admin_listen}
   ops (HTTP)         http://{sidecar.listeners.ops_listen}/readyz   /healthz   /metrics
 
 Try, in another terminal:
-  {exe} call --target {target} --model chat --input "hello sidecar"
-  {exe} call --target {target} --model chat --input "hello sidecar" --stream
+  {exe} call --target {target} --api-key {DEMO_API_KEY} --model chat --input "hello sidecar"
+  {exe} call --target {target} --api-key {DEMO_API_KEY} --model chat --input "hello sidecar" --stream
 
 Ctrl-C stops everything.
 """, flush=True)

@@ -52,10 +52,14 @@ def test_demo_runs_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         ready = wait_until(lambda: next((line for line in demo.log_lines_json()
                                          if line.get("event") == "demo ready"), None), 5, what="demo banner")
         assert isinstance(ready, dict) and len(ready["backends"]) == 2
-        assert f"sidecar call --target {listen} --model chat" in demo.log_text()
-        unary = sidecar_cli("call", "--target", listen, "--model", "chat", "--input", "hello sidecar")
+        assert f"sidecar call --target {listen} --api-key demo-key --model chat" in demo.log_text()
+        anonymous = sidecar_cli("call", "--target", listen, "--model", "chat", "--input", "hi")
+        assert anonymous.returncode == 1 and json.loads(anonymous.stderr)["reason"] == "UNAUTHORIZED"
+        key = ("--api-key", "demo-key")
+        unary = sidecar_cli("call", "--target", listen, *key, "--model", "chat", "--input", "hello sidecar")
         assert unary.returncode == 0 and unary.stdout.strip().startswith("hello sidecar"), unary.stderr
-        stream = sidecar_cli("call", "--target", listen, "--model", "chat", "--input", "hello sidecar", "--stream")
+        stream = sidecar_cli("call", "--target", listen, *key, "--model", "chat", "--input", "hello sidecar",
+                             "--stream")
         assert stream.returncode == 0 and stream.stdout.strip().startswith("hello sidecar"), stream.stderr
         backend_pids = _children(demo.pid)
         assert len(backend_pids) == 2
