@@ -12,6 +12,10 @@ import grpc
 from sidecar_client.inference.v1 import inference_pb2
 
 INFER = "/inference.v1.Inference/Infer"
+# Every target gets the same request, credentials included: the sidecar authenticates it, the
+# backend and the reference proxy ignore it.
+API_KEY = "bench-key-0123456789"
+METADATA = (("authorization", f"Bearer {API_KEY}"),)
 INFER_STREAM = "/inference.v1.Inference/InferStream"
 
 
@@ -39,7 +43,7 @@ class Target:
         """A few calls that must all succeed; returns the last decoded response."""
         response = b""
         for _ in range(calls):
-            response = await self.infer(request, timeout=10.0)
+            response = await self.infer(request, timeout=10.0, metadata=METADATA)
         return inference_pb2.InferResponse.FromString(response)
 
     async def wait_ok(self, request: bytes, timeout: float = 30.0) -> None:
@@ -47,7 +51,7 @@ class Target:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await self.infer(request, timeout=2.0)
+                await self.infer(request, timeout=2.0, metadata=METADATA)
                 return
             except grpc.aio.AioRpcError as e:
                 if time.monotonic() > deadline:
@@ -64,7 +68,7 @@ async def unary_batch(target: Target, request: bytes, calls: int, concurrency: i
     async def worker(n: int) -> None:
         for _ in range(n):
             t0 = time.perf_counter_ns()
-            await target.infer(request, timeout=30.0)
+            await target.infer(request, timeout=30.0, metadata=METADATA)
             latencies.append(time.perf_counter_ns() - t0)
 
     await _without_gc(asyncio.gather(*(worker(n) for n in per_worker)))
@@ -78,7 +82,7 @@ async def stream_batch(target: Target, request: bytes, calls: int) -> list[int]:
     async def run() -> None:
         for _ in range(calls):
             t0 = time.perf_counter_ns()
-            async for _chunk in target.infer_stream(request, timeout=30.0):
+            async for _chunk in target.infer_stream(request, timeout=30.0, metadata=METADATA):
                 pass
             latencies.append(time.perf_counter_ns() - t0)
 

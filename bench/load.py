@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from latency import INFER
+from latency import API_KEY, INFER
 
 PYLOAD = Path(__file__).with_name("pyload.py")
 
@@ -39,6 +39,7 @@ async def run_h2load(address: str, body_file: Path, requests: int, connections: 
     """One h2load run (prefix: e.g. a taskset command to pin it)."""
     argv = [*(prefix or []), "h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams), "-t", "1",
             "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
+            "-H", f"authorization: Bearer {API_KEY}",
             "-N", "10s", f"http://{address}{INFER}"]
     return parse_h2load(await _output(argv, timeout))
 

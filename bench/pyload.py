@@ -9,6 +9,7 @@ import time
 import grpc
 
 INFER = "/inference.v1.Inference/Infer"
+API_KEY = "bench-key-0123456789"  # as bench/latency.py
 
 
 async def load(target: str, body: bytes, requests: int, concurrency: int) -> dict[str, float]:
@@ -23,7 +24,7 @@ async def load(target: str, body: bytes, requests: int, concurrency: int) -> dic
             while remaining > 0:
                 remaining -= 1
                 try:
-                    await infer(body, timeout=30.0)
+                    await infer(body, timeout=30.0, metadata=(("authorization", f"Bearer {API_KEY}"),))
                     counts["ok"] += 1
                 except grpc.aio.AioRpcError:
                     counts["errors"] += 1

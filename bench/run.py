@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ from typing import Any
 import grpc
 import yaml
 from counts import backend_outcomes, delta, scrape_handled
-from latency import Summary, Target, request_bytes, rotated, stream_batch, unary_batch
+from latency import API_KEY, METADATA, Summary, Target, request_bytes, rotated, stream_batch, unary_batch
 from load import LoadResult, grpc_frame, h2load_path, run_h2load, run_pyload
 from procs import Proc, cpu_seconds, loaded_event_loop, loopback, start, stop, wait_serving
 
@@ -104,6 +105,8 @@ def sidecar_config(listen: str, admin: str, ops: str, backend: str) -> dict[str,
         "listen": listen,
         "admin_listen": admin,
         "ops_listen": ops,
+        "auth": {"api_keys": [{"id": "bench", "org": "bench",
+                               "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]},
         "models": {MODEL: {"timeout_ms": 30000,
                            "backends": [{"name": "a", "address": backend, "weight": 1}]}},
     }
@@ -237,7 +240,7 @@ async def measure_throughput(args: argparse.Namespace, stack: Stack, request: by
     """Interleaved load runs; CPU of the measured process (and of the backend) from /proc."""
     body_file = stack.tmp / "infer_request.grpc"
     body_file.write_bytes(grpc_frame(request))
-    frame_len = {t.name: len(await t.infer(request)) + 5 for t in stack.targets}
+    frame_len = {t.name: len(await t.infer(request, metadata=METADATA)) + 5 for t in stack.targets}
     for target in stack.targets:  # warm-up, not counted
         await one_load_run(args, target.address, body_file, min(1000, args.requests))
     idle = await idle_cpu(stack)
