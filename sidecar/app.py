@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
 
 from sidecar.config import Config
+from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
@@ -49,7 +50,8 @@ class Sidecar:
         self.in_flight = InFlight()
         self.channels = Channels(config)
         self.balancer = WeightedRandom(self.channels.backends)
-        self.pipeline = build_pipeline(lambda: self.config, self.balancer)
+        self.limit_store = MemoryLimitStore()
+        self.pipeline = build_pipeline(lambda: self.config, self.balancer, self.limit_store)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server()

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -105,6 +105,20 @@ class AuthConfig(_Section):
         return self
 
 
+class LimitRule(_Section):
+    """A request rate for one org or one API key."""
+
+    requests_per_minute: float = Field(gt=0)
+    burst: int | None = Field(default=None, ge=1)  # requests admitted at once; default: one minute's amount
+    shadow: bool = False                           # count and report, never deny
+
+
+class LimitsConfig(_Section):
+    store: Literal["memory"] = "memory"
+    orgs: dict[Name, LimitRule] = Field(default_factory=dict)
+    api_keys: dict[Name, LimitRule] = Field(default_factory=dict)  # by api key id
+
+
 class ShutdownConfig(_Section):
     grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
 
@@ -116,6 +130,7 @@ class Config(_Section):
     max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     shutdown: ShutdownConfig = ShutdownConfig()
     auth: AuthConfig | None = None            # None: every caller is accepted (see docs)
+    limits: LimitsConfig = LimitsConfig()
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -155,9 +170,25 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
     if problems:
         raise ConfigError(problems)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(err) for err in exc.errors()) from None
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_check(config: Config) -> list[str]:
+    """References between sections: a limit must name an org or key that can ever match."""
+    keys = config.auth.api_keys if config.auth else []
+    orgs = {k.org for k in keys} if config.auth else {"anonymous"}
+    problems = [f"limits.orgs.{org}: no caller has this org (orgs: {', '.join(sorted(orgs))})"
+                for org in config.limits.orgs if org not in orgs]
+    ids = {k.id for k in keys}
+    problems += [f"limits.api_keys.{key}: no api key with this id in auth.api_keys"
+                 for key in config.limits.api_keys if key not in ids]
+    return problems
 
 
 def _substitute(node: Any, path: tuple[str | int, ...], env: Mapping[str, str],
@@ -212,6 +243,7 @@ _MESSAGES = {
     "model_type": "must be a mapping",
     "list_type": "must be a list",
     "tuple_type": "must be a list",
+    "literal_error": "must be one of {expected}",
 }
 
 
