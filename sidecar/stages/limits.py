@@ -17,6 +17,7 @@ from sidecar.config import Config, LimitRule, LimitsConfig
 from sidecar.errors import SidecarError
 from sidecar.limits.gcra import Rate
 from sidecar.limits.memory_store import MemoryLimitStore
+from sidecar.telemetry.metrics import RATE_LIMIT_DENIALS, RATE_LIMIT_SHADOW_DENIALS
 
 log = logging.getLogger("sidecar.limits")
 
@@ -55,9 +56,11 @@ class RateLimit:
             return
         decision = await self._store.acquire(rates)
         for name in decision.shadow_denied:
+            RATE_LIMIT_SHADOW_DENIALS.labels(call.org, name).inc()
             log.info("shadow limit would deny", extra={"request_id": call.request_id, "limit": name,
                                                        "org": call.org, "api_key_id": call.api_key_id})
         if not decision.allowed:
+            RATE_LIMIT_DENIALS.labels(call.org, decision.denied_by).inc()
             raise rate_limited(decision.denied_by, decision.retry_after)
 
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from sidecar_client import ErrorDetail, error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
@@ -83,3 +85,24 @@ def test_shadow_limit_never_denies_but_is_logged(sidecar: SidecarProc) -> None:
     assert [infer(sidecar.listen, KEYS["watched"]) for _ in range(4)] == [None] * 4
     shadowed = [line for line in sidecar.log_json() if line.get("msg") == "shadow limit would deny"]
     assert len(shadowed) >= 3 and shadowed[0]["limit"] == "org:watched-org:requests_per_minute"
+    limit = "org:watched-org:requests_per_minute"
+    assert denials(sidecar, "watched-org", limit, "api_router_rate_limit_shadow_denials_total") >= 3
+    assert denials(sidecar, "watched-org", limit) == 0
+
+
+def denials(sidecar: SidecarProc, org: str, limit: str,
+            metric: str = "api_router_rate_limit_denials_total") -> float:
+    with urllib.request.urlopen(f"{sidecar.ops_url}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == metric and sample.labels == {"org": org, "limit": limit}:
+                return float(sample.value)
+    return 0.0
+
+
+def test_denials_are_counted(sidecar: SidecarProc) -> None:
+    before = denials(sidecar, "slow-org", "key:slow:requests_per_minute")
+    infer(sidecar.listen, KEYS["slow"])
+    infer(sidecar.listen, KEYS["slow"])
+    assert denials(sidecar, "slow-org", "key:slow:requests_per_minute") >= before + 1
