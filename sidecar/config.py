@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+S = TypeVar("S")
+T = TypeVar("T")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
@@ -140,6 +142,23 @@ class Config(_Section):
         if len(set(fixed)) != len(fixed):
             raise ValueError("listen, admin_listen and ops_listen must be different addresses")
         return self
+
+
+class PerConfig(Generic[S, T]):
+    """A value derived from a config section (a lookup table, compiled patterns), built once.
+
+    Stages read the config in force on every call; this rebuilds the derived value only when
+    the section object changes, i.e. after a reload. Holding the section keeps `is` exact.
+    """
+
+    def __init__(self, build: Callable[[S], T]) -> None:
+        self._build = build
+        self._current: tuple[S, T] | None = None
+
+    def get(self, section: S) -> T:
+        if self._current is None or self._current[0] is not section:
+            self._current = (section, self._build(section))
+        return self._current[1]
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fnmatch import translate
 
 from sidecar.call import Call
-from sidecar.config import ApiKeyConfig, AuthConfig, Config
+from sidecar.config import ApiKeyConfig, AuthConfig, Config, PerConfig
 from sidecar.errors import SidecarError
 
 ANONYMOUS_ORG = "anonymous"
@@ -54,13 +54,7 @@ class KeyTable:
 class Authenticate:
     def __init__(self, config: Callable[[], Config]) -> None:
         self._config = config
-        self._current: tuple[AuthConfig, KeyTable] | None = None
-
-    def _table(self, auth: AuthConfig) -> KeyTable:
-        """The key table of the config in force, rebuilt only when the config object changes."""
-        if self._current is None or self._current[0] is not auth:
-            self._current = (auth, KeyTable(auth))
-        return self._current[1]
+        self._keys = PerConfig(KeyTable)
 
     async def __call__(self, call: Call) -> None:
         auth = self._config().auth
@@ -70,7 +64,7 @@ class Authenticate:
         if call.api_key is None:
             raise SidecarError("UNAUTHORIZED", "missing credentials: send 'authorization: Bearer <key>' "
                                "or 'x-api-key: <key>'")
-        principal = self._table(auth).lookup(call.api_key)
+        principal = self._keys.get(auth).lookup(call.api_key)
         if principal is None:
             raise SidecarError("INVALID_API_KEY", "the API key is not valid")
         call.org, call.api_key_id = principal.org, principal.key_id

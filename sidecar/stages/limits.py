@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from sidecar.call import Call
-from sidecar.config import Config, LimitRule, LimitsConfig
+from sidecar.config import Config, LimitRule, LimitsConfig, PerConfig
 from sidecar.errors import SidecarError
 from sidecar.limits.gcra import Rate
 from sidecar.limits.memory_store import MemoryLimitStore
@@ -43,15 +43,10 @@ class RateLimit:
     def __init__(self, config: Callable[[], Config], store: MemoryLimitStore) -> None:
         self._config = config
         self._store = store
-        self._current: tuple[LimitsConfig, RateTable] | None = None
-
-    def _table(self, limits: LimitsConfig) -> RateTable:
-        if self._current is None or self._current[0] is not limits:
-            self._current = (limits, RateTable(limits))
-        return self._current[1]
+        self._rates = PerConfig(RateTable)
 
     async def __call__(self, call: Call) -> None:
-        rates = self._table(self._config().limits).rates_for(call.org, call.api_key_id)
+        rates = self._rates.get(self._config().limits).rates_for(call.org, call.api_key_id)
         if not rates:
             return
         decision = await self._store.acquire(rates)

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferResponse
 
 from tests.grpc.test_errors import fail
@@ -63,10 +62,7 @@ def test_no_credentials(sidecar: SidecarProc) -> None:
 
 
 def test_unknown_key(sidecar: SidecarProc) -> None:
-    with grpc.insecure_channel(sidecar.listen) as channel, pytest.raises(grpc.RpcError) as failure:
-        channel.unary_unary(INFER)(InferRequest(model="embed").SerializeToString(),
-                                   metadata=(("authorization", f"Bearer {UNKNOWN}"),))
-    detail = error_detail(failure.value)
+    detail = fail(sidecar.listen, InferRequest(model="embed"), metadata=(("authorization", f"Bearer {UNKNOWN}"),))
     assert (detail.code, detail.reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY")
     assert UNKNOWN not in detail.message and UNKNOWN not in str(detail.metadata)
 
@@ -75,9 +71,7 @@ def test_model_globs_limit_what_a_key_may_call(sidecar: SidecarProc) -> None:
     chat = (("x-api-key", KEY_CHAT),)
     assert call(sidecar.listen, "chat-small", chat).output
     assert call(sidecar.listen, "chat-large", chat).output
-    with grpc.insecure_channel(sidecar.listen) as channel, pytest.raises(grpc.RpcError) as failure:
-        channel.unary_unary(INFER)(InferRequest(model="embed").SerializeToString(), metadata=chat)
-    detail = error_detail(failure.value)
+    detail = fail(sidecar.listen, InferRequest(model="embed"), metadata=chat)
     assert (detail.code, detail.reason) == (grpc.StatusCode.PERMISSION_DENIED, "FORBIDDEN")
     assert detail.metadata == {"model": "embed", "api_key_id": "app-chat"}
 

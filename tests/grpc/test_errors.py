@@ -37,13 +37,15 @@ def sidecar(backend: BackendProc, tmp_path_factory: pytest.TempPathFactory) -> I
         proc.proc.stop()
 
 
-def fail(target: str, request: InferRequest | bytes, *, stream: bool = False, timeout: float = 10) -> ErrorDetail:
+def fail(target: str, request: InferRequest | bytes, *, stream: bool = False, timeout: float = 10,
+         metadata: tuple[tuple[str, str], ...] = ()) -> ErrorDetail:
+    """Makes a call that must fail; returns its decoded error after the checks every error passes."""
     raw = request if isinstance(request, bytes) else request.SerializeToString()
     with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as failure:
         if stream:
-            list(channel.unary_stream(INFER_STREAM)(raw, timeout=timeout))
+            list(channel.unary_stream(INFER_STREAM)(raw, timeout=timeout, metadata=metadata))
         else:
-            channel.unary_unary(INFER)(raw, timeout=timeout)
+            channel.unary_unary(INFER)(raw, timeout=timeout, metadata=metadata)
     detail = error_detail(failure.value)
     assert detail.domain == "sidecar", detail
     assert "127.0.0.1" not in detail.message and "Traceback" not in detail.message
