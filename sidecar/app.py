@@ -2,7 +2,8 @@
 
 Shutdown order (SIGTERM/SIGINT): readiness NOT_SERVING at once (Watch streams see it) -> new
 inference calls refused -> in-flight calls get `shutdown.grace_ms` to finish -> servers stop
-(cancelling what is left, health watches included) -> ops listener and backend channels close.
+(cancelling what is left, health watches included) -> the last settlements of limits and
+budgets finish -> the limit store, ops listener and backend channels close.
 """
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ from grpc_reflection.v1alpha import reflection
 from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
 
 from sidecar.config import Config
+from sidecar.limits.guarded import GuardedStore
 from sidecar.limits.memory_store import MemoryLimitStore
+from sidecar.limits.redis_store import RedisLimitStore
+from sidecar.limits.store import LimitStore
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
 from sidecar.routing.balancer import WeightedRandom
 from sidecar.routing.channels import Channels, message_options
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
+from sidecar.tasks import Tasks
 
 log = logging.getLogger("sidecar.app")
 
@@ -50,8 +55,10 @@ class Sidecar:
         self.in_flight = InFlight()
         self.channels = Channels(config)
         self.balancer = WeightedRandom(self.channels.backends)
-        self.limit_store = MemoryLimitStore()
-        self.pipeline = build_pipeline(lambda: self.config, self.balancer, self.limit_store)
+        self.tasks = Tasks()
+        self.limit_store = limit_store(config)
+        self.health.components_from["limits"] = self.limit_store.component
+        self.pipeline = build_pipeline(lambda: self.config, self.balancer, self.limit_store, self.tasks)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server()
@@ -97,6 +104,8 @@ class Sidecar:
         if not finished:
             log.warning("grace period over; cancelling calls", extra={"in_flight": self.in_flight.count})
         await asyncio.gather(self._server.stop(None), self._admin.stop(None))
+        await self.tasks.aclose(timeout=2.0)  # settlements of the calls that just ended
+        await self.limit_store.aclose()
         await self._ops.aclose()
         await self.channels.aclose()
         log.info("stopped", extra={"clean": finished})
@@ -112,6 +121,17 @@ class Sidecar:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await self.stop()
+
+
+def limit_store(config: Config) -> LimitStore:
+    """The store that `limits.store` names; Redis comes behind its breaker and fallback."""
+    limits = config.limits
+    if limits.store == "memory":
+        return MemoryLimitStore()
+    assert limits.redis_url is not None  # validated
+    redis = RedisLimitStore(limits.redis_url, timeout=limits.redis_timeout_ms / 1000.0)
+    return GuardedStore(redis, on_error=limits.on_store_error, share=1.0 / limits.expected_replicas,
+                        failures=limits.breaker_failures, cooldown=limits.breaker_cooldown_ms / 1000.0)
 
 
 def _bind(server: grpc.aio.Server, address: str) -> str:

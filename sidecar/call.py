@@ -1,7 +1,8 @@
 """`Call`: everything the pipeline knows about one inference request.
 
 Built once per RPC by the server from the raw request bytes and the caller's metadata; stages
-read and fill it in order (route sets `backend`, proxy sets `status` and usage). The original
+read and fill it in order (limits set `reservation`, route sets `backend`, the server sets
+`last_message`, `relayed` and `status`). The original
 request bytes travel to the backend untouched.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sidecar.errors import invalid_request, missing_field
 if TYPE_CHECKING:
     from sidecar.config import ModelConfig
     from sidecar.routing.channels import Backend
+    from sidecar.stages.limits import Reservation
 
 # Metadata the backend receives from the caller. Credentials (`authorization`, `x-api-key`)
 # and everything else stay behind: a backend sees the request, its id and its trace context.
@@ -45,6 +47,9 @@ class Call:
     api_key_id: str = ""             # the key's configured id, never the key
     model: ModelConfig | None = None
     backend: Backend | None = None
+    reservation: Reservation | None = None  # tokens and budget charged ahead, settled at the end
+    last_message: bytes | None = None  # the backend's response, or its last stream chunk so far
+    relayed: bool = False            # a response message was handed to the caller
     status: str = "UNKNOWN"          # gRPC code name once the call ended
     reason: str = ""
 

@@ -74,6 +74,9 @@ class BackendConfig(_Section):
 
 class ModelConfig(_Section):
     timeout_ms: int = Field(default=30_000, gt=0)
+    # what a call reserves for its output when the request sets no max_output_tokens (token
+    # limits and budgets reserve before the call and settle to the real usage after)
+    default_max_output_tokens: int = Field(default=1024, ge=1)
     backends: list[BackendConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -93,32 +96,127 @@ class ApiKeyConfig(_Section):
     models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # glob patterns
 
 
+class AdminTokenConfig(_Section):
+    id: Name                                  # logged for admin calls; the token never is
+    sha256: Sha256
+
+
+def _first_twice(values: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
+
+
 class AuthConfig(_Section):
     api_keys: list[ApiKeyConfig] = Field(min_length=1)
+    admin_tokens: list[AdminTokenConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> AuthConfig:
-        ids = [k.id for k in self.api_keys]
-        twice = sorted({i for i in ids if ids.count(i) > 1})
-        if twice:
-            raise ValueError(f"api key id {twice[0]!r} is used twice")
-        if len({k.sha256 for k in self.api_keys}) != len(self.api_keys):
+        for kind, ids in (("api key", [k.id for k in self.api_keys]),
+                          ("admin token", [t.id for t in self.admin_tokens])):
+            twice = _first_twice(ids)
+            if twice is not None:
+                raise ValueError(f"{kind} id {twice!r} is used twice")
+        if _first_twice([k.sha256 for k in self.api_keys]) is not None:
             raise ValueError("two api keys have the same sha256")
+        if _first_twice([t.sha256 for t in self.admin_tokens]) is not None:
+            raise ValueError("two admin tokens have the same sha256")
+        if {k.sha256 for k in self.api_keys} & {t.sha256 for t in self.admin_tokens}:
+            raise ValueError("an admin token has the same sha256 as an api key; use separate secrets")
         return self
 
 
-class LimitRule(_Section):
-    """A request rate for one org or one API key."""
+class RateRule(_Section):
+    """Request and token rates; each burst defaults to one minute's amount."""
 
-    requests_per_minute: float = Field(gt=0)
-    burst: int | None = Field(default=None, ge=1)  # requests admitted at once; default: one minute's amount
-    shadow: bool = False                           # count and report, never deny
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)        # requests admitted at once from idle
+    token_burst: int | None = Field(default=None, ge=1)  # tokens admitted at once from idle
+    shadow: bool = False                                 # count and report, never deny
+
+    def _check_rates(self, required: bool) -> None:
+        if required and self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("needs requests_per_minute or tokens_per_minute")
+        if self.burst is not None and self.requests_per_minute is None:
+            raise ValueError("burst needs requests_per_minute")
+        if self.token_burst is not None and self.tokens_per_minute is None:
+            raise ValueError("token_burst needs tokens_per_minute")
+
+
+class LimitRule(RateRule):
+    """The rates of one API key, or of one org on one model."""
+
+    @model_validator(mode="after")
+    def _has_a_rate(self) -> LimitRule:
+        self._check_rates(required=True)
+        return self
+
+
+class OrgLimitRule(RateRule):
+    """The rates of every key of one org together, and optionally per model."""
+
+    models: dict[Name, LimitRule] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_a_rate(self) -> OrgLimitRule:
+        self._check_rates(required=not self.models)
+        return self
 
 
 class LimitsConfig(_Section):
-    store: Literal["memory"] = "memory"
-    orgs: dict[Name, LimitRule] = Field(default_factory=dict)
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    redis_timeout_ms: int = Field(default=100, gt=0)       # connect and reply timeout of one store call
+    on_store_error: Literal["allow", "deny"] = "allow"
+    expected_replicas: int = Field(default=1, ge=1)        # with allow: each sidecar takes 1/n locally
+    breaker_failures: int = Field(default=3, ge=1)         # consecutive store errors that open the breaker
+    breaker_cooldown_ms: int = Field(default=1_000, gt=0)  # how often an open breaker probes the store
+    orgs: dict[Name, OrgLimitRule] = Field(default_factory=dict)
     api_keys: dict[Name, LimitRule] = Field(default_factory=dict)  # by api key id
+
+    @model_validator(mode="after")
+    def _redis_needs_a_url(self) -> LimitsConfig:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("redis_url is required when store is redis")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return self
+
+
+class BudgetRule(_Section):
+    """Spending caps of one org over UTC calendar windows: tokens, and cost from model prices."""
+
+    tokens_per_day: int | None = Field(default=None, ge=1)
+    tokens_per_month: int | None = Field(default=None, ge=1)
+    cost_per_day: float | None = Field(default=None, gt=0)
+    cost_per_month: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _has_a_cap(self) -> BudgetRule:
+        if not self.caps():
+            raise ValueError("needs tokens_per_day, tokens_per_month, cost_per_day or cost_per_month")
+        return self
+
+    def caps(self) -> dict[str, float]:
+        return {name: value for name, value in (("tokens_per_day", self.tokens_per_day),
+                                                ("tokens_per_month", self.tokens_per_month),
+                                                ("cost_per_day", self.cost_per_day),
+                                                ("cost_per_month", self.cost_per_month)) if value is not None}
+
+
+class Price(_Section):
+    input_per_1k: float = Field(ge=0)   # cost of 1000 input tokens, in the unit of the cost budgets
+    output_per_1k: float = Field(ge=0)
+
+
+class BudgetsConfig(_Section):
+    orgs: dict[Name, BudgetRule] = Field(default_factory=dict)
+    prices: dict[Name, Price] = Field(default_factory=dict)  # by model
 
 
 class ShutdownConfig(_Section):
@@ -133,6 +231,7 @@ class Config(_Section):
     shutdown: ShutdownConfig = ShutdownConfig()
     auth: AuthConfig | None = None            # None: every caller is accepted (see docs)
     limits: LimitsConfig = LimitsConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -199,14 +298,27 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
 
 
 def _cross_check(config: Config) -> list[str]:
-    """References between sections: a limit must name an org or key that can ever match."""
+    """References between sections: a limit or budget must name an org, key or model that exists."""
     keys = config.auth.api_keys if config.auth else []
     orgs = {k.org for k in keys} if config.auth else {"anonymous"}
-    problems = [f"limits.orgs.{org}: no caller has this org (orgs: {', '.join(sorted(orgs))})"
+    known = ", ".join(sorted(orgs))
+    problems = [f"limits.orgs.{org}: no caller has this org (orgs: {known})"
                 for org in config.limits.orgs if org not in orgs]
     ids = {k.id for k in keys}
     problems += [f"limits.api_keys.{key}: no api key with this id in auth.api_keys"
                  for key in config.limits.api_keys if key not in ids]
+    problems += [f"limits.orgs.{org}.models.{model}: no such model in models"
+                 for org, rule in config.limits.orgs.items() for model in rule.models if model not in config.models]
+    problems += [f"budgets.orgs.{org}: no caller has this org (orgs: {known})"
+                 for org in config.budgets.orgs if org not in orgs]
+    problems += [f"budgets.prices.{model}: no such model in models"
+                 for model in config.budgets.prices if model not in config.models]
+    unpriced = sorted(m for m in config.models if m not in config.budgets.prices)
+    for org, rule in config.budgets.orgs.items():
+        for cap in ("cost_per_day", "cost_per_month"):
+            if cap in rule.caps() and unpriced:
+                problems.append(f"budgets.orgs.{org}.{cap}: models without a price in budgets.prices: "
+                                f"{', '.join(unpriced)}")
     return problems
 
 

@@ -1,7 +1,9 @@
 """The order of the stages a call passes before it is proxied, written in one place.
 
 Each stage is an `async def __call__(call)` that fills in the `Call` or raises a `SidecarError`.
-The proxy itself (unary or stream) runs after the last stage, in `server.py`.
+The proxy itself (unary or stream) runs after the last stage, in `server.py`. Finishers run
+once when the call has ended, however it ended (refused, failed, cancelled or served); they
+must not block, and spawn what needs I/O.
 """
 from __future__ import annotations
 
@@ -9,34 +11,48 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from sidecar.call import Call
 from sidecar.config import Config
-from sidecar.limits.memory_store import MemoryLimitStore
+from sidecar.limits.store import LimitStore
 from sidecar.routing.balancer import Balancer
 from sidecar.stages.auth import Authenticate
-from sidecar.stages.limits import RateLimit
-from sidecar.stages.route import Route
+from sidecar.stages.limits import Limits
+from sidecar.stages.route import PickBackend, ResolveModel
+from sidecar.tasks import Tasks
 
 Stage = Callable[[Call], Awaitable[None]]
+Finisher = Callable[[Call], None]
 
 
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], finishers: Sequence[Finisher] = ()) -> None:
         self.stages = tuple(stages)
+        self.finishers = tuple(finishers)
 
     async def admit(self, call: Call) -> None:
         for stage in self.stages:
             await stage(call)
 
+    def finish(self, call: Call) -> None:
+        for finisher in self.finishers:
+            finisher(call)
+
     def __repr__(self) -> str:
         return f"<Pipeline {' -> '.join(type(s).__name__ for s in self.stages)}>"
 
 
-def build_pipeline(config: Callable[[], Config], balancer: Balancer, limit_store: MemoryLimitStore) -> Pipeline:
+def build_pipeline(config: Callable[[], Config], balancer: Balancer, limit_store: LimitStore,
+                   tasks: Tasks) -> Pipeline:
+    limits = Limits(config, limit_store, tasks)
     return Pipeline([
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
         Authenticate(config),
-        # 2. rate limits need the org and key id; a throttled call must not reach routing.
-        RateLimit(config, limit_store),
-        # 3. route last: resolving the model and taking a backend is only worth it for a call
-        # that every earlier stage admitted.
-        Route(config, balancer),
+        # 2. resolve the model: an unknown model costs no limit, and limits need its settings.
+        ResolveModel(config),
+        # 3. rate limits and budgets, in one store round trip: they need the org, key id and
+        # model, and a refused call must not reach a backend.
+        limits,
+        # 4. pick a backend last: taking one is only worth it for a call every stage admitted.
+        PickBackend(balancer),
+    ], finishers=[
+        # settle what limits reserved, from the backend's reported usage
+        limits.finish,
     ])

@@ -2,7 +2,8 @@
 
 Registered without (de)serializers, so the request arrives as the caller's bytes and the
 backend's response bytes go back untouched. Each handler: read the metadata, parse the request
-once, run the pipeline, proxy, and on any failure hand the exception to `errors.rescue()`.
+once, run the pipeline, proxy, and on any failure hand the exception to `errors.rescue()`;
+whatever happened, run the pipeline's finishers exactly once.
 `InFlight` counts calls so that shutdown can wait for them.
 """
 from __future__ import annotations
@@ -79,8 +80,9 @@ class InferenceHandlers:
         try:
             call.parse()
             await self._pipeline.admit(call)
-        except Exception as exc:  # noqa: BLE001 - every failure goes to rescue()
+        except BaseException as exc:  # noqa: BLE001 - every failure goes to rescue(); cancellation passes
             self._in_flight.leave()
+            self._pipeline.finish(call)
             await _abort(context, call, exc)
         return call
 
@@ -90,25 +92,28 @@ class InferenceHandlers:
             rpc = proxy.start_unary(call)
             await context.send_initial_metadata((("x-request-id", call.request_id),))
             response = await proxy.finish_unary(call, rpc)
-            call.status = "OK"
+            call.last_message, call.relayed, call.status = response, True, "OK"
             return response
         except Exception as exc:
             await _abort(context, call, exc)
             raise  # unreachable: abort raises
         finally:
             self._in_flight.leave()
+            self._pipeline.finish(call)
 
     async def infer_stream(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         call = await self._admit("InferStream", raw, context)
         try:
             await context.send_initial_metadata((("x-request-id", call.request_id),))
             async for chunk in proxy.relay_stream(call):
+                call.last_message, call.relayed = chunk, True
                 yield chunk
             call.status = "OK"
         except Exception as exc:  # noqa: BLE001 - every failure goes to rescue()
             await _abort(context, call, exc)
         finally:
             self._in_flight.leave()
+            self._pipeline.finish(call)
 
 
 async def _abort(context: Context, call: Call, exc: BaseException) -> None:

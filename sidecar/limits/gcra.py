@@ -1,15 +1,18 @@
 """GCRA (generic cell rate algorithm): the rate-limit decision, pure and synchronous.
 
 Each limit is a rate (`per_second`) and a burst. Its whole state is one number, the theoretical
-arrival time (TAT): when the bucket would be empty again. A request of `cost` units moves the
-TAT forward by `cost / per_second`; it is admitted when the new TAT is at most `burst /
-per_second` ahead of now. The same function serves the memory store and (as the Lua script's
-reference) the Redis store, so both decide alike.
+arrival time (TAT): when the bucket would be empty again. A request costing `cost` units (1 for
+a request rate, the estimated tokens for a token rate) moves the TAT forward by
+`cost / per_second`; it is admitted when the new TAT is at most `burst / per_second` ahead of
+now. The memory store calls these functions; the Redis store's Lua script is their line-by-line
+twin (`redis_store.py`), so both stores decide alike.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+EPSILON = 1e-6  # one microsecond: the resolution of the Redis store's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +26,10 @@ class Rate:
     def interval(self) -> float:
         return 1.0 / self.per_second
 
+    def scaled(self, share: float) -> Rate:
+        """This rate cut to `share` of itself (the local fallback's part of a shared limit)."""
+        return Rate(self.name, self.per_second * share, max(1.0, self.burst * share), self.shadow)
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -30,28 +37,46 @@ class Decision:
     retry_after: float           # seconds until the request would be admitted (0 when allowed)
     denied_by: str = ""          # name of the (first) enforcing limit that denied
     shadow_denied: tuple[str, ...] = ()
-    new_tats: tuple[float, ...] = ()  # the state to store, one per rate (only when allowed)
+    new_tats: tuple[float, ...] = ()  # the state to store, one per rate
 
 
-def decide(rates: Sequence[Rate], tats: Sequence[float | None], now: float, cost: float = 1.0) -> Decision:
+def charged(rate: Rate, cost: float) -> float:
+    """What a request is charged: at most the burst, so that one larger than the burst is
+    admitted from a full bucket (and its real size settled afterwards) instead of never."""
+    return min(cost, rate.burst)
+
+
+def decide(rates: Sequence[Rate], tats: Sequence[float | None], now: float,
+           costs: Sequence[float] | None = None) -> Decision:
     """All of a request's limits at once: admitted only if every enforcing limit admits it.
 
-    `tats` holds each rate's stored TAT (None = never used). A denied request changes nothing;
-    an admitted one moves every rate's TAT, shadow ones included.
+    `tats` holds each rate's stored TAT (None = never used); `costs` each rate's units (1 by
+    default). A denied request changes nothing; an admitted one moves every rate's TAT, shadow
+    ones included, except a shadow rate that would deny (it counts as that denial).
     """
     new_tats: list[float] = []
     worst_wait, denied_by, shadow_denied = 0.0, "", []
-    for rate, tat in zip(rates, tats, strict=True):
+    for i, (rate, tat) in enumerate(zip(rates, tats, strict=True)):
+        cost = charged(rate, 1.0 if costs is None else costs[i])
         start = now if tat is None or tat < now else tat
         new_tat = start + cost * rate.interval
         wait = new_tat - now - rate.burst * rate.interval
-        if wait > 1e-9:
+        if wait > EPSILON:
             if rate.shadow:
                 shadow_denied.append(rate.name)
-                new_tat = start  # a shadow denial counts as a denial would: nothing consumed
+                new_tat = start
             elif wait > worst_wait:
                 worst_wait, denied_by = wait, rate.name
         new_tats.append(new_tat)
     if denied_by:
-        return Decision(False, worst_wait, denied_by, tuple(shadow_denied))
+        return Decision(False, worst_wait, denied_by, tuple(shadow_denied), tuple(new_tats))
     return Decision(True, 0.0, "", tuple(shadow_denied), tuple(new_tats))
+
+
+def settled_tat(rate: Rate, tat: float | None, now: float, delta: float) -> float:
+    """The TAT after correcting a reservation by `delta` units (actual minus reserved).
+
+    A refund never takes the TAT below now: an idle bucket is full and cannot hold credit.
+    """
+    start = now if tat is None or tat < now else tat
+    return max(now, start + delta * rate.interval)

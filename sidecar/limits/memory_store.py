@@ -1,28 +1,82 @@
-"""The embedded limit store: GCRA state in a dict, for one sidecar process.
+"""The embedded limit store: GCRA state and budget counters in dicts, for one sidecar process.
 
-The default (`limits.store: memory`). Decisions are made under the event loop's single thread,
-so check-and-update is atomic without a lock. State is keyed by limit name, which comes from
-config (org and key ids), never from caller input, so it stays bounded.
+The default (`limits.store: memory`), and the local fallback behind the Redis store, which then
+holds `share` (1/expected_replicas) of every limit. Decisions are made under the event loop's
+single thread, so check-and-charge is atomic without a lock. Keys come from config (org, key
+ids, models) and the calendar, never from caller input; windows past their end are pruned.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
-from sidecar.limits.gcra import Decision, Rate, decide
+from sidecar.limits.budget import over_budget
+from sidecar.limits.gcra import decide, settled_tat
+from sidecar.limits.store import Ask, Verdict
 
 
 class MemoryLimitStore:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._tats: dict[str, float] = {}
+    name = "memory"
 
-    async def acquire(self, rates: Sequence[Rate], cost: float = 1.0) -> Decision:
-        decision = decide(rates, [self._tats.get(r.name) for r in rates], self._clock(), cost)
-        if decision.allowed:
-            for rate, tat in zip(rates, decision.new_tats, strict=True):
-                self._tats[rate.name] = tat
-        return decision
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 share: float = 1.0) -> None:
+        self._clock = clock
+        self._wall = wall
+        self._share = share
+        self._tats: dict[str, float] = {}
+        self._consumed: dict[str, tuple[int, float]] = {}  # budget key -> (consumed, window end)
+
+    async def admit(self, ask: Ask) -> Verdict:
+        return self.admit_now(ask)
+
+    def admit_now(self, ask: Ask) -> Verdict:
+        rates = [r.scaled(self._share) for r in ask.rates] if self._share != 1.0 else ask.rates
+        keys = [ask.rate_key(i) for i in range(len(rates))]
+        decision = decide(rates, [self._tats.get(k) for k in keys], self._clock(), ask.rate_costs)
+        if not decision.allowed:
+            return Verdict(False, decision.retry_after, decision.denied_by, shadow_denied=decision.shadow_denied)
+        budgets = [b.scaled(self._share) for b in ask.budgets] if self._share != 1.0 else ask.budgets
+        budget_keys = [ask.budget_key(i) for i in range(len(budgets))]
+        consumed = [self._consumed.get(k, (0, 0.0))[0] for k in budget_keys]
+        over = over_budget(budgets, consumed, ask.budget_costs)
+        if over is not None:
+            return Verdict(False, 0.0, budgets[over].name, True, consumed[over], decision.shadow_denied)
+        for key, tat in zip(keys, decision.new_tats, strict=True):
+            self._tats[key] = tat
+        for key, used, cost, budget in zip(budget_keys, consumed, ask.budget_costs, budgets, strict=True):
+            self._consumed[key] = (used + cost, budget.window.resets_at)
+        if budgets:
+            self._prune()
+        return Verdict(True, shadow_denied=decision.shadow_denied)
+
+    async def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
+                     *, degraded: bool = False) -> None:
+        now = self._clock()
+        for i, delta in enumerate(rate_deltas):
+            if delta:
+                key = ask.rate_key(i)
+                self._tats[key] = settled_tat(ask.rates[i].scaled(self._share), self._tats.get(key), now, delta)
+        for i, delta in enumerate(budget_deltas):
+            key = ask.budget_key(i)
+            if delta and key in self._consumed:
+                used, ends = self._consumed[key]
+                self._consumed[key] = (max(0, used + delta), ends)
+
+    def consumed(self, ask: Ask, i: int) -> int:
+        return self._consumed.get(ask.budget_key(i), (0, 0.0))[0]
+
+    def _prune(self) -> None:
+        now = self._wall()
+        for key in [k for k, (_, ends) in self._consumed.items() if ends <= now]:
+            del self._consumed[key]
+
+    def component(self) -> dict[str, Any]:
+        return {"status": "ok", "store": self.name}
+
+    async def aclose(self) -> None:
+        return None
 
     def __repr__(self) -> str:
-        return f"<MemoryLimitStore {len(self._tats)} limits>"
+        share = f" share={self._share:g}" if self._share != 1.0 else ""
+        return f"<MemoryLimitStore {len(self._tats)} limits, {len(self._consumed)} budget windows{share}>"

@@ -7,6 +7,7 @@ itself, so it is SERVING for as long as the loop turns.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -26,6 +27,8 @@ class Health:
         self.started = False
         self.draining = False
         self.servicers: list[HealthServicer] = []
+        # component name -> its readiness detail, e.g. {"status": "degraded", ...}; shown in /readyz
+        self.components_from: dict[str, Callable[[], dict[str, Any]]] = {}
 
     def servicer(self) -> HealthServicer:
         """A servicer for one gRPC server; every servicer follows the same state."""
@@ -57,6 +60,7 @@ class Health:
         return {
             "config": {"status": "ok", "version": self.config_version},
             "server": {"status": "draining" if self.draining else ("serving" if self.started else "starting")},
+            **{name: component() for name, component in self.components_from.items()},
         }
 
     def liveness_body(self) -> dict[str, Any]:

@@ -1,62 +1,181 @@
-"""RateLimit: every request limit that applies to the caller, decided in one step.
+"""Limits: every rate limit and budget of a call, decided and charged in one store round trip.
 
-Runs after authentication (the org and key id are known) and before routing, so a throttled
-call never takes a backend. Denial: RESOURCE_EXHAUSTED / RATE_LIMIT_EXCEEDED with `RetryInfo`
-set to the real wait, and the limit's name in `ErrorInfo.metadata`.
+Runs after authentication and model resolution (org, key id and model are known) and before a
+backend is picked, so a throttled call never takes one. Token rates and budgets are charged an
+estimate now (input size + max_output_tokens) and corrected when the call ends (`finish`):
+
+1. the backend answered with usage: charged the actual tokens (and their cost);
+2. nothing reached the caller (refused later, failed, cancelled before the first message):
+   the reservation is released;
+3. a stream cut after messages were relayed, or an answer without usage: the estimate stands.
+
+Denials: RESOURCE_EXHAUSTED / RATE_LIMIT_EXCEEDED with RetryInfo (the real wait) and the
+limit's name, or RESOURCE_EXHAUSTED / BUDGET_EXCEEDED with QuotaFailure.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
+from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferResponse
 
 from sidecar.call import Call
-from sidecar.config import Config, LimitRule, LimitsConfig, PerConfig
+from sidecar.config import Config, PerConfig, RateRule
 from sidecar.errors import SidecarError
-from sidecar.limits.gcra import Rate
-from sidecar.limits.memory_store import MemoryLimitStore
-from sidecar.telemetry.metrics import RATE_LIMIT_DENIALS, RATE_LIMIT_SHADOW_DENIALS
+from sidecar.limits.budget import MICROS, Budget, cost_micros, day_window, estimate_tokens, month_window
+from sidecar.limits.gcra import Rate, charged
+from sidecar.limits.store import Ask, LimitStore, Verdict
+from sidecar.tasks import Tasks
+from sidecar.telemetry.metrics import (
+    BUDGET_DENIALS,
+    LIMIT_DECISION_SECONDS,
+    RATE_LIMIT_DENIALS,
+    RATE_LIMIT_SHADOW_DENIALS,
+)
 
 log = logging.getLogger("sidecar.limits")
+TOKENS = ":tokens_per_minute"
 
 
-def request_rate(name: str, rule: LimitRule) -> Rate:
-    burst = rule.burst if rule.burst is not None else rule.requests_per_minute  # one minute's amount
-    return Rate(name, rule.requests_per_minute / 60.0, float(burst), rule.shadow)
+def rates_of(prefix: str, rule: RateRule) -> list[Rate]:
+    """The rates of one config rule (an org's, a key's, an org's on one model)."""
+    rates = []
+    if rule.requests_per_minute is not None:
+        rates.append(Rate(f"{prefix}:requests_per_minute", rule.requests_per_minute / 60.0,
+                          float(rule.burst or rule.requests_per_minute), rule.shadow))
+    if rule.tokens_per_minute is not None:
+        rates.append(Rate(f"{prefix}{TOKENS}", rule.tokens_per_minute / 60.0,
+                          float(rule.token_burst or rule.tokens_per_minute), rule.shadow))
+    return rates
 
 
-class RateTable:
-    """The `Rate`s of one config, by org and by key id."""
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a call was charged beyond its request count; settled by `Limits.finish`."""
 
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.orgs = {org: request_rate(f"org:{org}:requests_per_minute", rule) for org, rule in limits.orgs.items()}
-        self.keys = {key: request_rate(f"key:{key}:requests_per_minute", rule)
-                     for key, rule in limits.api_keys.items()}
-
-    def rates_for(self, org: str, key_id: str) -> list[Rate]:
-        return [r for r in (self.orgs.get(org), self.keys.get(key_id)) if r is not None]
+    ask: Ask
+    degraded: bool
+    input_tokens: int
+    output_tokens: int
 
 
-class RateLimit:
-    def __init__(self, config: Callable[[], Config], store: MemoryLimitStore) -> None:
+class LimitTable:
+    """The rates and budgets of one config, by org, key id and (org, model); built once per config."""
+
+    def __init__(self, config: Config) -> None:
+        limits, budgets = config.limits, config.budgets
+        self.orgs = {org: rates_of(f"org:{org}", rule) for org, rule in limits.orgs.items()}
+        self.keys = {key: rates_of(f"key:{key}", rule) for key, rule in limits.api_keys.items()}
+        self.org_models = {(org, model): rates_of(f"org:{org}:model:{model}", model_rule)
+                           for org, rule in limits.orgs.items() for model, model_rule in rule.models.items()}
+        self.caps = {org: rule.caps() for org, rule in budgets.orgs.items()}
+        self.prices = budgets.prices
+        self._budgets: dict[str, tuple[int, tuple[Budget, ...]]] = {}  # org -> (day number, budgets)
+
+    def budgets(self, org: str, now: float) -> tuple[Budget, ...]:
+        """The org's budgets in the calendar windows around `now`; rebuilt once a day."""
+        caps = self.caps.get(org)
+        if not caps:
+            return ()
+        day_number = int(now // 86_400)
+        cached = self._budgets.get(org)
+        if cached is None or cached[0] != day_number:
+            day, month = day_window(now), month_window(now)
+            cached = (day_number, tuple(
+                Budget(f"org:{org}:{cap}", round(value * MICROS) if cap.startswith("cost") else int(value),
+                       day if cap.endswith("day") else month, cap.startswith("cost"))
+                for cap, value in caps.items()))
+            self._budgets[org] = cached
+        return cached[1]
+
+    def ask(self, call: Call, now: float) -> tuple[Ask, int, int] | None:
+        """The ask of one call and its estimated (input, output) tokens; None when nothing applies."""
+        model = call.request.model
+        rates = [*self.orgs.get(call.org, ()), *self.keys.get(call.api_key_id, ()),
+                 *self.org_models.get((call.org, model), ())]
+        budgets = self.budgets(call.org, now)
+        if not rates and not budgets:
+            return None
+        assert call.model is not None
+        est_in, est_out = estimate_tokens(call.request.input, call.request.input_bytes,
+                                          call.request.max_output_tokens or call.model.default_max_output_tokens)
+        rate_costs = tuple(float(est_in + est_out) if r.name.endswith(TOKENS) else 1.0 for r in rates)
+        price = self.prices.get(model)
+        budget_costs = tuple(cost_micros(price, est_in, est_out) if b.is_cost else est_in + est_out for b in budgets)
+        return Ask(call.org, tuple(rates), rate_costs, budgets, budget_costs), est_in, est_out
+
+
+class Limits:
+    def __init__(self, config: Callable[[], Config], store: LimitStore, tasks: Tasks,
+                 wall: Callable[[], float] = time.time) -> None:
         self._config = config
         self._store = store
-        self._rates = PerConfig(RateTable)
+        self._tasks = tasks
+        self._wall = wall
+        self._tables = PerConfig(LimitTable)
 
     async def __call__(self, call: Call) -> None:
-        rates = self._rates.get(self._config().limits).rates_for(call.org, call.api_key_id)
-        if not rates:
+        table = self._tables.get(self._config())
+        planned = table.ask(call, self._wall())
+        if planned is None:
             return
-        decision = await self._store.acquire(rates)
-        for name in decision.shadow_denied:
+        ask, est_in, est_out = planned
+        started = time.perf_counter()
+        verdict = await self._store.admit(ask)
+        LIMIT_DECISION_SECONDS.labels(self._store.name).observe(time.perf_counter() - started)
+        for name in verdict.shadow_denied:
             RATE_LIMIT_SHADOW_DENIALS.labels(call.org, name).inc()
             log.info("shadow limit would deny", extra={"request_id": call.request_id, "limit": name,
                                                        "org": call.org, "api_key_id": call.api_key_id})
-        if not decision.allowed:
-            RATE_LIMIT_DENIALS.labels(call.org, decision.denied_by).inc()
-            raise rate_limited(decision.denied_by, decision.retry_after)
+        if not verdict.allowed:
+            raise self._denied(call, ask, verdict)
+        if ask.budgets or any(r.name.endswith(TOKENS) for r in ask.rates):
+            call.reservation = Reservation(ask, verdict.degraded, est_in, est_out)
+
+    def _denied(self, call: Call, ask: Ask, verdict: Verdict) -> SidecarError:
+        if not verdict.over_budget:
+            RATE_LIMIT_DENIALS.labels(call.org, verdict.denied_by).inc()
+            return rate_limited(verdict.denied_by, verdict.retry_after)
+        BUDGET_DENIALS.labels(call.org).inc()
+        i = next(i for i, b in enumerate(ask.budgets) if b.name == verdict.denied_by)
+        return over_budget(call.org, ask.budgets[i], verdict.budget_used, ask.budget_costs[i])
+
+    def finish(self, call: Call) -> None:
+        """Called once when the call has ended, however it ended; settles its reservation."""
+        reservation: Reservation | None = call.reservation
+        if reservation is None:
+            return
+        call.reservation = None
+        actual = _usage(call) if call.status == "OK" else None
+        if actual is None and call.relayed:
+            return  # case 3: the estimate stands
+        ask = reservation.ask
+        est_total = reservation.input_tokens + reservation.output_tokens
+        used_in, used_out = actual if actual is not None else (0, 0)
+        rate_deltas = tuple(float(used_in + used_out) - charged(r, est_total) if r.name.endswith(TOKENS) else 0.0
+                            for r in ask.rates)
+        price = self._tables.get(self._config()).prices.get(call.request.model)
+        budget_deltas = tuple(
+            (cost_micros(price, used_in, used_out) if b.is_cost else used_in + used_out) - cost
+            for b, cost in zip(ask.budgets, ask.budget_costs, strict=True))
+        if any(rate_deltas) or any(budget_deltas):
+            self._tasks.spawn(self._store.settle(ask, rate_deltas, budget_deltas, degraded=reservation.degraded),
+                              name=f"settle-{call.request_id}")
+
+
+def _usage(call: Call) -> tuple[int, int] | None:
+    """(input, output) tokens the backend reported in its last message, if it did."""
+    if call.last_message is None:
+        return None
+    message = (InferChunk if call.streamed else InferResponse).FromString(call.last_message)
+    if not message.HasField("usage"):
+        return None
+    return message.usage.input_tokens, message.usage.output_tokens
 
 
 def rate_limited(limit: str, retry_after: float) -> SidecarError:
@@ -64,3 +183,16 @@ def rate_limited(limit: str, retry_after: float) -> SidecarError:
     delay.FromNanoseconds(max(1_000_000, int(retry_after * 1e9)))  # at least 1 ms
     return SidecarError("RATE_LIMIT_EXCEEDED", f"rate limit {limit} exceeded; retry in {retry_after:.3f}s",
                         metadata={"limit": limit}, details=[error_details_pb2.RetryInfo(retry_delay=delay)])
+
+
+def over_budget(org: str, budget: Budget, used: int, cost: int) -> SidecarError:
+    resets = datetime.fromtimestamp(budget.window.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cap = budget.name.rpartition(":")[2]
+    description = (f"{cap} budget of {budget.describe(budget.limit)} for window {budget.window.id}: "
+                   f"{budget.describe(used)} used, this call needs {budget.describe(cost)}; resets at {resets}")
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=f"org:{org}", description=description, quota_metric=cap, quota_id=budget.name,
+        quota_dimensions={"org": org, "window": budget.window.id}, quota_value=budget.limit)
+    return SidecarError("BUDGET_EXCEEDED", f"budget {budget.name} exceeded; resets at {resets}",
+                        metadata={"budget": budget.name, "window": budget.window.id, "resets_at": resets},
+                        details=[error_details_pb2.QuotaFailure(violations=[violation])])

@@ -1,7 +1,8 @@
-"""Route: resolve the model and pick its backend.
+"""Route: resolve the model, and (after admission) pick its backend.
 
-Runs after admission (auth, limits, budget) so a refused call never takes a backend slot, and
-before proxy, which only ever talks to the backend chosen here.
+`ResolveModel` runs right after authentication: limits and budgets need the model's settings,
+and an unknown model must not cost the caller a rate-limit slot. `PickBackend` runs last, so a
+refused call never takes a backend; proxy only ever talks to the backend chosen here.
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from sidecar.errors import SidecarError
 from sidecar.routing.balancer import Balancer
 
 
-class Route:
-    def __init__(self, config: Callable[[], Config], balancer: Balancer) -> None:
+class ResolveModel:
+    def __init__(self, config: Callable[[], Config]) -> None:
         self._config = config
-        self._balancer = balancer
 
     async def __call__(self, call: Call) -> None:
         name = call.request.model
@@ -24,6 +24,14 @@ class Route:
         if model is None:
             raise SidecarError("NOT_FOUND", f"unknown model {name!r}", metadata={"model": name})
         call.model = model
+
+
+class PickBackend:
+    def __init__(self, balancer: Balancer) -> None:
+        self._balancer = balancer
+
+    async def __call__(self, call: Call) -> None:
+        name = call.request.model
         backend = self._balancer.pick(name)
         if backend is None:
             raise SidecarError("NO_BACKEND_AVAILABLE", f"no backend of model {name!r} can take the call",

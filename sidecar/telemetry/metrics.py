@@ -1,14 +1,28 @@
 """Every metric the sidecar exports, declared once, with fixed and bounded label names.
 
 Label values come from config (org, key id, model, backend, limit name) or from small fixed
-sets (codes, reasons): never from a request id or other caller input.
+sets (codes, reasons, stores, outcomes): never from a request id or other caller input.
 """
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 RATE_LIMIT_DENIALS = Counter(
     "api_router_rate_limit_denials", "Calls denied by a rate limit.", ["org", "limit"])
 RATE_LIMIT_SHADOW_DENIALS = Counter(
     "api_router_rate_limit_shadow_denials", "Calls a shadow rate limit would have denied (admitted).",
     ["org", "limit"])
+BUDGET_DENIALS = Counter(
+    "api_router_budget_denials", "Calls denied because a budget of the org had no room for them.", ["org"])
+LIMIT_DECISION_SECONDS = Histogram(
+    "api_router_limit_decision_duration_seconds",
+    "Time to decide every rate limit and budget of one call (one store round trip).", ["store"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+LIMIT_STORE_DEGRADED_DECISIONS = Counter(
+    "api_router_limit_degraded_decisions",
+    "Decisions made while the shared limit store was unavailable (allowed/denied locally, or denied "
+    "by on_store_error: deny).", ["outcome"])
+LIMIT_STORE_ERRORS = Counter(
+    "api_router_limit_store_errors", "Calls to the shared limit store that failed or timed out.")
+LIMIT_STORE_DEGRADED = Gauge(
+    "api_router_limit_store_degraded", "1 while the shared limit store's breaker is open, else 0.")

@@ -1,0 +1,66 @@
+"""What a call asks of the limit store, what the store answers, and the store's interface.
+
+One `Ask` carries every rate and budget that applies to one call, so a store decides them all
+at once: in one Lua call for Redis, in one synchronous step for memory. Both stores implement
+`LimitStore`; `GuardedStore` puts a breaker and a local fallback around the shared one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sidecar.limits.budget import Budget
+from sidecar.limits.gcra import Rate
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer (refused, timed out, or failed); adapters raise only this."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    org: str                         # every key of one ask carries the org as its hash tag
+    rates: tuple[Rate, ...]
+    rate_costs: tuple[float, ...]    # units per rate: 1 for requests, estimated tokens for tokens
+    budgets: tuple[Budget, ...] = ()
+    budget_costs: tuple[int, ...] = ()
+
+    def rate_key(self, i: int) -> str:
+        return f"sidecar:rl:{{{self.org}}}:{self.rates[i].name}"
+
+    def budget_key(self, i: int) -> str:
+        budget = self.budgets[i]
+        return f"sidecar:budget:{{{self.org}}}:{budget.name}:{budget.window.id}"
+
+    def keys(self) -> list[str]:
+        return [*(self.rate_key(i) for i in range(len(self.rates))),
+                *(self.budget_key(i) for i in range(len(self.budgets)))]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    retry_after: float = 0.0          # for a rate denial: seconds until the call would be admitted
+    denied_by: str = ""               # the denying rate's or budget's name
+    over_budget: bool = False         # denied by a budget (else by a rate)
+    budget_used: int = 0              # for a budget denial: what its window has consumed
+    shadow_denied: tuple[str, ...] = ()
+    degraded: bool = False            # decided by the local fallback while the shared store is out
+
+
+class LimitStore(Protocol):
+    name: str
+
+    async def admit(self, ask: Ask) -> Verdict:
+        """Decides every rate and budget of `ask`; an admitted ask is charged, a denied one is not."""
+
+    async def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
+                     *, degraded: bool = False) -> None:
+        """Corrects an admitted ask's charge by the deltas (actual minus reserved; negative refunds).
+
+        `degraded` is the verdict's: a charge the local fallback took is corrected there."""
+
+    def component(self) -> dict[str, Any]:
+        """Readiness detail: `{"status": "ok" | "degraded", ...}`."""
+
+    async def aclose(self) -> None: ...
