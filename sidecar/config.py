@@ -56,7 +56,14 @@ def _sha256(value: str) -> str:
     return match.group(2).lower()
 
 
+def _redis_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return value
+
+
 Address = Annotated[str, AfterValidator(_address)]
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
 Sha256 = Annotated[str, AfterValidator(_sha256)]
 Name = Annotated[str, AfterValidator(_name)]
 
@@ -170,7 +177,7 @@ class OrgLimitRule(RateRule):
 
 class LimitsConfig(_Section):
     store: Literal["memory", "redis"] = "memory"
-    redis_url: str | None = None
+    redis_url: RedisUrl | None = None
     redis_timeout_ms: int = Field(default=100, gt=0)       # connect and reply timeout of one store call
     on_store_error: Literal["allow", "deny"] = "allow"
     expected_replicas: int = Field(default=1, ge=1)        # with allow: each sidecar takes 1/n locally
@@ -179,13 +186,6 @@ class LimitsConfig(_Section):
     orgs: dict[Name, OrgLimitRule] = Field(default_factory=dict)
     api_keys: dict[Name, LimitRule] = Field(default_factory=dict)  # by api key id
 
-    @model_validator(mode="after")
-    def _redis_needs_a_url(self) -> LimitsConfig:
-        if self.store == "redis" and not self.redis_url:
-            raise ValueError("redis_url is required when store is redis")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
-        return self
 
 
 class BudgetRule(_Section):
@@ -307,6 +307,8 @@ def _cross_check(config: Config) -> list[str]:
     ids = {k.id for k in keys}
     problems += [f"limits.api_keys.{key}: no api key with this id in auth.api_keys"
                  for key in config.limits.api_keys if key not in ids]
+    if config.limits.store == "redis" and not config.limits.redis_url:
+        problems.append("limits.redis_url: required when limits.store is redis")
     problems += [f"limits.orgs.{org}.models.{model}: no such model in models"
                  for org, rule in config.limits.orgs.items() for model in rule.models if model not in config.models]
     problems += [f"budgets.orgs.{org}: no caller has this org (orgs: {known})"
