@@ -23,6 +23,7 @@ from sidecar.limits.guarded import GuardedStore
 from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.limits.redis_store import RedisLimitStore
 from sidecar.limits.store import LimitStore
+from sidecar.ops.admin_auth import AdminAuth
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
@@ -61,14 +62,14 @@ class Sidecar:
         self.pipeline = build_pipeline(lambda: self.config, self.balancer, self.limit_store, self.tasks)
         self.listeners = Listeners()
         self._server = self._grpc_server()
-        self._admin = self._grpc_server()
+        self._admin = self._grpc_server(AdminAuth(lambda: self.config))
         self._ops = OpsServer(self.health)
         self._stopped = asyncio.Event()
 
-    def _grpc_server(self) -> grpc.aio.Server:
+    def _grpc_server(self, *interceptors: grpc.aio.ServerInterceptor) -> grpc.aio.Server:
         # so_reuseport off: a second sidecar on the same port must fail, not share the traffic
         options = [*message_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)]
-        return grpc.aio.server(options=options)
+        return grpc.aio.server(options=options, interceptors=interceptors)
 
     async def start(self) -> None:
         handlers = InferenceHandlers(self.pipeline, self.in_flight)
@@ -78,6 +79,7 @@ class Sidecar:
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
+        reflection.enable_server_reflection((names[1], reflection.SERVICE_NAME), self._admin)
         self.listeners.listen = _bind(self._server, self.config.listen)
         self.listeners.admin_listen = _bind(self._admin, self.config.admin_listen)
         self.listeners.ops_listen = _with_port(self.config.ops_listen, await self._ops.start(self.config.ops_listen))
