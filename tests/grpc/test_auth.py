@@ -7,15 +7,18 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferResponse
 
 from tests.grpc.test_errors import fail
 from tests.grpc.test_proxy import INFER
-from tests.harness.sidecar import BackendProc, SidecarProc, one_model, sidecar_config, start_sidecar
+from tests.harness.sidecar import BackendProc, SidecarProc, health_status, one_model, sidecar_config, start_sidecar
 
 KEY_ALL = "sk-all-7d1f3c0e9b"
 KEY_CHAT = "sk-chat-only-55aa21"
 UNKNOWN = "sk-unknown-000111"
+ADMIN = "adm-token-9c2e77f1"
 
 
 def digest(key: str) -> str:
@@ -35,6 +38,8 @@ def sidecar(backend: BackendProc, tmp_path_factory: pytest.TempPathFactory) -> I
   api_keys:
     - {{id: app-all, sha256: "sha256:{digest(KEY_ALL)}", org: acme}}
     - {{id: app-chat, sha256: "{digest(KEY_CHAT).upper()}", org: globex, models: ["chat-*"]}}
+  admin_tokens:
+    - {{id: ops, sha256: "sha256:{digest(ADMIN)}"}}
 """
     proc = start_sidecar(tmp_path_factory.mktemp("sidecar"), config)
     try:
@@ -83,7 +88,7 @@ def test_authentication_comes_before_routing(sidecar: SidecarProc) -> None:
 
 
 def test_no_key_in_any_log_or_error(sidecar: SidecarProc, backend: BackendProc) -> None:
-    for key in (KEY_ALL, KEY_CHAT, UNKNOWN):
+    for key in (KEY_ALL, KEY_CHAT, UNKNOWN, ADMIN):
         for model in ("embed", "chat-small", "nope"):
             try:
                 call(sidecar.listen, model, (("authorization", f"Bearer {key}"),))
@@ -91,12 +96,17 @@ def test_no_key_in_any_log_or_error(sidecar: SidecarProc, backend: BackendProc) 
                 assert key not in (error.details() or "")
                 assert all(key.encode() not in (v if isinstance(v, bytes) else v.encode())
                            for _, v in error.trailing_metadata() or ())
+    for token in (ADMIN, KEY_ALL, UNKNOWN):
+        try:
+            list_services(sidecar.admin_listen, (("authorization", f"Bearer {token}"),))
+        except grpc.RpcError as error:
+            assert token not in (error.details() or "")
     logs = sidecar.proc.log_text() + backend.proc.log_text()
-    for key in (KEY_ALL, KEY_CHAT, UNKNOWN):
+    for key in (KEY_ALL, KEY_CHAT, UNKNOWN, ADMIN):
         assert key not in logs
     with urllib.request.urlopen(f"{sidecar.ops_url}/metrics", timeout=2) as response:
         metrics = response.read().decode()
-    assert not any(key in metrics for key in (KEY_ALL, KEY_CHAT, UNKNOWN))
+    assert not any(key in metrics for key in (KEY_ALL, KEY_CHAT, UNKNOWN, ADMIN))
 
 
 def test_without_auth_the_sidecar_warns_at_start(backend: BackendProc, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -107,3 +117,38 @@ def test_without_auth_the_sidecar_warns_at_start(backend: BackendProc, tmp_path_
                    for line in open_sidecar.log_json())
     finally:
         open_sidecar.proc.stop()
+
+
+# --- admin tokens on admin_listen -------------------------------------------------------------
+
+
+def list_services(target: str, metadata: tuple[tuple[str, str], ...]) -> list[str]:
+    """Server reflection's ListServices on `target` (the admin listener serves it to admin tokens)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                            metadata=metadata, timeout=10)
+        return [s.name for answer in answers for s in answer.list_services_response.service]
+
+
+def test_admin_calls_need_an_admin_token(sidecar: SidecarProc) -> None:
+    assert "grpc.health.v1.Health" in list_services(sidecar.admin_listen, (("authorization", f"Bearer {ADMIN}"),))
+    for metadata, reason in (((), "UNAUTHORIZED"),
+                             ((("authorization", f"Bearer {KEY_ALL}"),), "INVALID_API_KEY"),  # an API key is no admin token
+                             ((("authorization", f"Bearer {UNKNOWN}"),), "INVALID_API_KEY")):
+        with pytest.raises(grpc.RpcError) as failure:
+            list_services(sidecar.admin_listen, metadata)
+        detail = error_detail(failure.value)
+        assert (detail.code, detail.reason) == (grpc.StatusCode.UNAUTHENTICATED, reason)
+    admin_lines = [line for line in sidecar.log_json() if line.get("msg") == "admin call"]
+    assert admin_lines and admin_lines[-1]["admin_token_id"] == "ops"
+
+
+def test_health_on_the_admin_listener_needs_no_token(sidecar: SidecarProc) -> None:
+    """kubelet grpc: probes carry no credentials."""
+    assert health_status(sidecar.admin_listen) == "SERVING"
+
+
+def test_an_admin_token_is_no_api_key(sidecar: SidecarProc) -> None:
+    detail = fail(sidecar.listen, InferRequest(model="embed"), metadata=(("authorization", f"Bearer {ADMIN}"),))
+    assert detail.reason == "INVALID_API_KEY"

@@ -100,6 +100,7 @@ def infer(target: str, key: str, *, stream: bool = False, **fields: object) -> t
 def denied(target: str, key: str, **fields: object) -> ErrorDetail:
     detail, _ = infer(target, key, **fields)
     assert detail is not None, "the call was admitted"
+    assert key not in detail.message and key not in str(detail.metadata) and key not in str(detail.details)
     return detail
 
 
@@ -243,3 +244,13 @@ def test_readiness_shows_the_limit_store_and_decisions_are_timed(limited: Limite
     assert body["components"]["limits"] == {"status": "ok", "store": limited.store}
     count = metric(limited.sidecar, "api_router_limit_decision_duration_seconds_count", {"store": limited.store})
     assert count >= 10
+
+
+def test_no_key_in_logs_or_metrics(limited: Limited) -> None:
+    """Runs last in the module: by now every kind of denial and settlement has happened."""
+    logs = limited.sidecar.proc.log_text()
+    with urllib.request.urlopen(f"{limited.sidecar.ops_url}/metrics", timeout=2) as response:
+        metrics = response.read().decode()
+    assert "shadow limit would deny" in logs and "api_router_budget_denials_total" in metrics
+    for name in NAMES:
+        assert limited.key(name) not in logs and limited.key(name) not in metrics
