@@ -13,7 +13,14 @@ from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferRespons
 
 from tests.grpc.test_errors import fail
 from tests.grpc.test_proxy import INFER
-from tests.harness.sidecar import BackendProc, SidecarProc, health_status, one_model, sidecar_config, start_sidecar
+from tests.harness.sidecar import (
+    BackendProc,
+    SidecarProc,
+    health_status,
+    one_model,
+    sidecar_config,
+    start_sidecar,
+)
 
 KEY_ALL = "sk-all-7d1f3c0e9b"
 KEY_CHAT = "sk-chat-only-55aa21"
