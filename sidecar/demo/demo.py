@@ -19,6 +19,7 @@ from sidecar.app import Sidecar
 from sidecar.config import Config, ConfigError, parse_config
 
 DEMO_API_KEY = "demo-key"  # a demo needs a known key; real configs hold digests of secret keys
+DEMO_ADMIN_TOKEN = "demo-admin"
 DEMO_CONFIG = """\
 listen: {listen}
 admin_listen: {admin_listen}
@@ -27,6 +28,15 @@ shutdown: {{grace_ms: 5000}}
 auth:
   api_keys:
     - {{id: demo-app, sha256: "{demo_key_digest}", org: demo, models: ["*"]}}
+  admin_tokens:
+    - {{id: demo-ops, sha256: "{demo_admin_digest}"}}
+limits:
+  store: memory
+  orgs:
+    demo: {{requests_per_minute: 600, tokens_per_minute: 100000}}
+budgets:
+  orgs:
+    demo: {{tokens_per_day: 1000000}}
 models:
   chat:
     timeout_ms: 30000
@@ -64,8 +74,10 @@ def _wait_listening(address: str, proc: subprocess.Popen[bytes], timeout: float 
 
 def demo_config(listen: str, admin_listen: str, ops_listen: str, backend_a: str, backend_b: str) -> Config:
     digest = hashlib.sha256(DEMO_API_KEY.encode()).hexdigest()
+    admin_digest = hashlib.sha256(DEMO_ADMIN_TOKEN.encode()).hexdigest()
     return parse_config(DEMO_CONFIG.format(listen=listen, admin_listen=admin_listen, ops_listen=ops_listen,
-                                           backend_a=backend_a, backend_b=backend_b, demo_key_digest=digest))
+                                           backend_a=backend_a, backend_b=backend_b, demo_key_digest=digest,
+                                           demo_admin_digest=admin_digest))
 
 
 def run_demo(listen: str, admin_listen: str, ops_listen: str) -> int:
@@ -118,7 +130,9 @@ def _print_banner(sidecar: Sidecar, backends: list[str]) -> None:
 sidecar demo is running
   inference (gRPC)   {target}     model "chat" -> backends a (weight 3), b (weight 1)
                                        API key "{DEMO_API_KEY}" (org "demo")
-  admin (gRPC)       {sidecar.listeners.admin_listen}
+                                       limits: 600 requests/min, 100000 tokens/min,
+                                       1000000 tokens/day (memory store)
+  admin (gRPC)       {sidecar.listeners.admin_listen}     admin token "{DEMO_ADMIN_TOKEN}"
   ops (HTTP)         http://{sidecar.listeners.ops_listen}/readyz   /healthz   /metrics
 
 Try, in another terminal:

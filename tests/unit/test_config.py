@@ -107,3 +107,13 @@ def test_run_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "models.chat.backends[1].weight: must be >= 0" in result.stderr
+
+
+def test_the_documented_example_is_valid() -> None:
+    """docs/configuration.md's example must stay a config the sidecar accepts."""
+    doc = (CONFIGS.parent.parent / "docs" / "configuration.md").read_text()
+    example = doc.split("## Example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    digest = "a" * 64
+    config = parse_config(example, environ={"APP1_KEY_SHA256": digest, "OPS_TOKEN_SHA256": "b" * 64})
+    assert config.limits.store == "redis" and config.budgets.orgs["acme"].tokens_per_day == 5_000_000
+    assert config.auth is not None and config.auth.admin_tokens[0].id == "ops"
