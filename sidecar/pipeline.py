@@ -3,7 +3,7 @@
 Each stage is an `async def __call__(call)` that fills in the `Call` or raises a `SidecarError`.
 The proxy itself (unary or stream) runs after the last stage, in `server.py`. Finishers run
 once when the call has ended, however it ended (refused, failed, cancelled or served); they
-must not block, and spawn what needs I/O.
+must not block: what needs I/O is queued (the limit store batches settlements).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from sidecar.routing.balancer import Balancer
 from sidecar.stages.auth import Authenticate
 from sidecar.stages.limits import Limits
 from sidecar.stages.route import PickBackend, ResolveModel
-from sidecar.tasks import Tasks
 
 Stage = Callable[[Call], Awaitable[None]]
 Finisher = Callable[[Call], None]
@@ -39,9 +38,8 @@ class Pipeline:
         return f"<Pipeline {' -> '.join(type(s).__name__ for s in self.stages)}>"
 
 
-def build_pipeline(config: Callable[[], Config], balancer: Balancer, limit_store: LimitStore,
-                   tasks: Tasks) -> Pipeline:
-    limits = Limits(config, limit_store, tasks)
+def build_pipeline(config: Callable[[], Config], balancer: Balancer, limit_store: LimitStore) -> Pipeline:
+    limits = Limits(config, limit_store)
     return Pipeline([
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
         Authenticate(config),

@@ -41,6 +41,7 @@ class GuardedStore:
         self._breaker = Breaker(failures, cooldown, clock)
         self._tasks = Tasks()
         self._last_error = ""
+        primary.on_failure = self._failed  # settlements are flushed in the background
 
     async def admit(self, ask: Ask) -> Verdict:
         if not self._breaker.open:
@@ -61,17 +62,15 @@ class GuardedStore:
         LIMIT_STORE_DEGRADED_DECISIONS.labels("allowed" if verdict.allowed else "denied").inc()
         return verdict
 
-    async def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
-                     *, degraded: bool = False) -> None:
+    def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
+               *, degraded: bool = False) -> None:
         if degraded:
-            await self._fallback.settle(ask, rate_deltas, budget_deltas)
-            return
-        if self._breaker.open:
-            return  # the reservation stays charged in Redis: never under-counts
-        try:
-            await self._primary.settle(ask, rate_deltas, budget_deltas)
-        except StoreUnavailable as exc:
-            self._failed(exc)
+            self._fallback.settle(ask, rate_deltas, budget_deltas)
+        elif not self._breaker.open:  # else the reservation stays charged in Redis: never under-counts
+            self._primary.settle(ask, rate_deltas, budget_deltas)
+
+    async def flush(self) -> None:
+        await self._primary.flush()
 
     def _failed(self, exc: StoreUnavailable) -> None:
         LIMIT_STORE_ERRORS.inc()

@@ -50,8 +50,8 @@ class MemoryLimitStore:
             self._prune()
         return Verdict(True, shadow_denied=decision.shadow_denied)
 
-    async def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
-                     *, degraded: bool = False) -> None:
+    def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
+               *, degraded: bool = False) -> None:
         now = self._clock()
         for i, delta in enumerate(rate_deltas):
             if delta:
@@ -62,6 +62,9 @@ class MemoryLimitStore:
             if delta and key in self._consumed:
                 used, ends = self._consumed[key]
                 self._consumed[key] = (max(0, used + delta), ends)
+
+    async def flush(self) -> None:
+        return None  # corrections are applied as they come
 
     def consumed(self, ask: Ask, i: int) -> int:
         return self._consumed.get(ask.budget_key(i), (0, 0.0))[0]

@@ -1,7 +1,8 @@
 """What a call asks of the limit store, what the store answers, and the store's interface.
 
 One `Ask` carries every rate and budget that applies to one call, so a store decides them all
-at once: in one Lua call for Redis, in one synchronous step for memory. Both stores implement
+at once: in one Lua call for Redis, in one synchronous step for memory. Corrections after the
+call (`settle`) never make a caller wait. Both stores implement
 `LimitStore`; `GuardedStore` puts a breaker and a local fallback around the shared one.
 """
 from __future__ import annotations
@@ -54,11 +55,16 @@ class LimitStore(Protocol):
     async def admit(self, ask: Ask) -> Verdict:
         """Decides every rate and budget of `ask`; an admitted ask is charged, a denied one is not."""
 
-    async def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
-                     *, degraded: bool = False) -> None:
+    def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
+               *, degraded: bool = False) -> None:
         """Corrects an admitted ask's charge by the deltas (actual minus reserved; negative refunds).
 
+        Never blocks the caller: the memory store applies it at once, the Redis store within a
+        few milliseconds, together with the other corrections of that moment (`flush`).
         `degraded` is the verdict's: a charge the local fallback took is corrected there."""
+
+    async def flush(self) -> None:
+        """Applies every correction still waiting (at shutdown, and in tests)."""
 
     def component(self) -> dict[str, Any]:
         """Readiness detail: `{"status": "ok" | "degraded", ...}`."""

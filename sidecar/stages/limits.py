@@ -30,7 +30,6 @@ from sidecar.errors import SidecarError
 from sidecar.limits.budget import MICROS, Budget, cost_micros, day_window, estimate_tokens, month_window
 from sidecar.limits.gcra import Rate, charged
 from sidecar.limits.store import Ask, LimitStore, Verdict
-from sidecar.tasks import Tasks
 from sidecar.telemetry.metrics import (
     BUDGET_DENIALS,
     LIMIT_DECISION_SECONDS,
@@ -111,11 +110,10 @@ class LimitTable:
 
 
 class Limits:
-    def __init__(self, config: Callable[[], Config], store: LimitStore, tasks: Tasks,
+    def __init__(self, config: Callable[[], Config], store: LimitStore,
                  wall: Callable[[], float] = time.time) -> None:
         self._config = config
         self._store = store
-        self._tasks = tasks
         self._wall = wall
         self._tables = PerConfig(LimitTable)
 
@@ -164,8 +162,7 @@ class Limits:
             (cost_micros(price, used_in, used_out) if b.is_cost else used_in + used_out) - cost
             for b, cost in zip(ask.budgets, ask.budget_costs, strict=True))
         if any(rate_deltas) or any(budget_deltas):
-            self._tasks.spawn(self._store.settle(ask, rate_deltas, budget_deltas, degraded=reservation.degraded),
-                              name=f"settle-{call.request_id}")
+            self._store.settle(ask, rate_deltas, budget_deltas, degraded=reservation.degraded)
 
 
 def _usage(call: Call) -> tuple[int, int] | None:

@@ -49,7 +49,9 @@ def limited(request: pytest.FixtureRequest, backend: BackendProc,
     suffix = uuid.uuid4().hex[:8]
     keys = "\n".join(f'    - {{id: {n}, sha256: "{hashlib.sha256(f"sk-{n}-{suffix}".encode()).hexdigest()}", '
                      f'org: {n}-{suffix}}}' for n in NAMES)
-    redis = f"\n  redis_url: {request.getfixturevalue('redis_url')}" if store == "redis" else ""
+    # a generous timeout: a loaded CI machine must not push these tests into degraded mode
+    redis = (f"\n  redis_url: {request.getfixturevalue('redis_url')}\n  redis_timeout_ms: 2000"
+             if store == "redis" else "")
     config = sidecar_config(f"""
         chat:
           backends: [{{name: a, address: "{backend.address}"}}]
@@ -126,18 +128,29 @@ def metric(sidecar: SidecarProc, name: str, labels: dict[str, str]) -> float:
 
 
 def test_org_burst_then_denial_with_the_true_wait(limited: Limited) -> None:
+    """RetryInfo is the real wait: a call decided before it is denied, one 50 ms after it passes.
+
+    The server decides somewhere between sending and answering, so the promised time P lies in
+    [sent + wait, answered + wait] of the denied call; each probe is judged by what is certain.
+    """
     target, key = limited.sidecar.listen, limited.key("fast")
     assert [infer(target, key)[0] for _ in range(3)] == [None, None, None]
-    denied_at = time.monotonic()
+    sent = time.monotonic()
     detail = denied(target, key)
+    answered = time.monotonic()
     assert (detail.code, detail.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMIT_EXCEEDED")
     assert detail.metadata["limit"] == f"org:{limited.org('fast')}:requests_per_minute"
     wait = retry_delay(detail)
     assert 0.5 < wait <= 1.0  # one request per second after a burst of 3, minus the time spent
-    time.sleep(max(0.0, wait - 0.1 - (time.monotonic() - denied_at)))
-    assert denied(target, key).reason == "RATE_LIMIT_EXCEEDED"  # 100 ms before the promised time
-    time.sleep(max(0.0, denied_at + wait + 0.05 - time.monotonic()))
-    assert infer(target, key)[0] is None  # 50 ms after it
+    time.sleep(max(0.0, answered + wait - 0.1 - time.monotonic()))
+    early, _ = infer(target, key)
+    if early is None:  # admitted: only right if the machine stalled and it was decided after P
+        assert time.monotonic() >= sent + wait, "admitted before the promised time"
+    else:
+        assert early.reason == "RATE_LIMIT_EXCEEDED"
+    interval = 0.0 if early is not None else 1.0  # an admitted probe took the slot at P
+    time.sleep(max(0.0, answered + wait + interval + 0.05 - time.monotonic()))
+    assert infer(target, key)[0] is None  # sent 50 ms after the latest possible P
 
 
 def test_key_limit(limited: Limited) -> None:
