@@ -178,7 +178,9 @@ class OrgLimitRule(RateRule):
 class LimitsConfig(_Section):
     store: Literal["memory", "redis"] = "memory"
     redis_url: RedisUrl | None = None
-    redis_timeout_ms: int = Field(default=100, gt=0)       # connect and reply timeout of one store call
+    # connect and reply timeout of one store call; above a CFS throttling period (100 ms), so a
+    # CPU-limited pod's stall does not count as a dead store
+    redis_timeout_ms: int = Field(default=250, gt=0)
     on_store_error: Literal["allow", "deny"] = "allow"
     expected_replicas: int = Field(default=1, ge=1)        # with allow: each sidecar takes 1/n locally
     breaker_failures: int = Field(default=3, ge=1)         # consecutive store errors that open the breaker

@@ -21,6 +21,7 @@ class Rate:
     per_second: float    # sustained rate
     burst: float         # units admitted at once from an idle start
     shadow: bool = False # counts, never denies
+    tokens: bool = False # a token rate: charged an estimate, settled to the usage
 
     @property
     def interval(self) -> float:
@@ -28,7 +29,7 @@ class Rate:
 
     def scaled(self, share: float) -> Rate:
         """This rate cut to `share` of itself (the local fallback's part of a shared limit)."""
-        return Rate(self.name, self.per_second * share, max(1.0, self.burst * share), self.shadow)
+        return Rate(self.name, self.per_second * share, max(1.0, self.burst * share), self.shadow, self.tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,8 @@ open after repeated failures, `limits.on_store_error` decides:
 
 1. `allow`: a local memory store holding `1/expected_replicas` of every rate and budget decides
    instead, so that the replicas together stay near the configured limit while Redis is out.
+   Its buckets start with one second's worth, not a burst, so a store that flaps cannot hand
+   out a burst each time.
    Each such decision is counted (`api_router_limit_degraded_decisions_total`).
 2. `deny`: the call fails with UNAVAILABLE / SERVICE_UNAVAILABLE.
 
@@ -37,11 +39,11 @@ class GuardedStore:
         self.name = primary.name
         self.on_error = on_error
         self._primary = primary
-        self._fallback = MemoryLimitStore(share=share)
+        self._fallback = MemoryLimitStore(share=share, start_empty=True)
         self._breaker = Breaker(failures, cooldown, clock)
         self._tasks = Tasks()
         self._last_error = ""
-        primary.on_failure = self._failed  # settlements are flushed in the background
+        primary.on_failure = self._settle_failed  # settlements are flushed in the background
 
     async def admit(self, ask: Ask) -> Verdict:
         if not self._breaker.open:
@@ -71,6 +73,15 @@ class GuardedStore:
 
     async def flush(self) -> None:
         await self._primary.flush()
+
+    def _settle_failed(self, exc: StoreUnavailable) -> None:
+        """A batch of settlements was lost: counted and logged; reservations stay charged.
+
+        Not resent (a timed-out script may have run: twice would under-count), and not held
+        against the breaker: admissions decide that on their own calls.
+        """
+        LIMIT_STORE_ERRORS.inc()
+        log.warning("limit store settlement failed; those reservations stay charged", extra={"error": str(exc)})
 
     def _failed(self, exc: StoreUnavailable) -> None:
         LIMIT_STORE_ERRORS.inc()

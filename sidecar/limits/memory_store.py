@@ -1,7 +1,7 @@
 """The embedded limit store: GCRA state and budget counters in dicts, for one sidecar process.
 
 The default (`limits.store: memory`), and the local fallback behind the Redis store, which then
-holds `share` (1/expected_replicas) of every limit. Decisions are made under the event loop's
+holds `share` (1/expected_replicas) of every limit, its buckets starting with one second's worth. Decisions are made under the event loop's
 single thread, so check-and-charge is atomic without a lock. Keys come from config (org, key
 ids, models) and the calendar, never from caller input; windows past their end are pruned.
 """
@@ -20,10 +20,13 @@ class MemoryLimitStore:
     name = "memory"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 share: float = 1.0) -> None:
+                 share: float = 1.0, start_empty: bool = False) -> None:
         self._clock = clock
         self._wall = wall
         self._share = share
+        # the fallback's buckets start nearly empty (one second's worth): a store that flaps must
+        # not hand out a burst each time
+        self._start_empty = start_empty
         self._tats: dict[str, float] = {}
         self._consumed: dict[str, tuple[int, float]] = {}  # budget key -> (consumed, window end)
 
@@ -33,7 +36,12 @@ class MemoryLimitStore:
     def admit_now(self, ask: Ask) -> Verdict:
         rates = [r.scaled(self._share) for r in ask.rates] if self._share != 1.0 else ask.rates
         keys = [ask.rate_key(i) for i in range(len(rates))]
-        decision = decide(rates, [self._tats.get(k) for k in keys], self._clock(), ask.rate_costs)
+        now = self._clock()
+        if self._start_empty:
+            for key, rate in zip(keys, rates, strict=True):
+                if key not in self._tats:  # one second's worth in the bucket, not a whole burst
+                    self._tats[key] = now + (rate.burst - min(rate.burst, rate.per_second)) * rate.interval
+        decision = decide(rates, [self._tats.get(k) for k in keys], now, ask.rate_costs)
         if not decision.allowed:
             return Verdict(False, decision.retry_after, decision.denied_by, shadow_denied=decision.shadow_denied)
         budgets = [b.scaled(self._share) for b in ask.budgets] if self._share != 1.0 else ask.budgets
@@ -44,10 +52,12 @@ class MemoryLimitStore:
             return Verdict(False, 0.0, budgets[over].name, True, consumed[over], decision.shadow_denied)
         for key, tat in zip(keys, decision.new_tats, strict=True):
             self._tats[key] = tat
+        new_window = False
         for key, used, cost, budget in zip(budget_keys, consumed, ask.budget_costs, budgets, strict=True):
+            new_window = new_window or key not in self._consumed
             self._consumed[key] = (used + cost, budget.window.resets_at)
-        if budgets:
-            self._prune()
+        if new_window:
+            self._prune()  # a window began: those that ended go
         return Verdict(True, shadow_denied=decision.shadow_denied)
 
     def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],

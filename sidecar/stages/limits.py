@@ -38,7 +38,6 @@ from sidecar.telemetry.metrics import (
 )
 
 log = logging.getLogger("sidecar.limits")
-TOKENS = ":tokens_per_minute"
 
 
 def rates_of(prefix: str, rule: RateRule) -> list[Rate]:
@@ -48,8 +47,8 @@ def rates_of(prefix: str, rule: RateRule) -> list[Rate]:
         rates.append(Rate(f"{prefix}:requests_per_minute", rule.requests_per_minute / 60.0,
                           float(rule.burst or rule.requests_per_minute), rule.shadow))
     if rule.tokens_per_minute is not None:
-        rates.append(Rate(f"{prefix}{TOKENS}", rule.tokens_per_minute / 60.0,
-                          float(rule.token_burst or rule.tokens_per_minute), rule.shadow))
+        rates.append(Rate(f"{prefix}:tokens_per_minute", rule.tokens_per_minute / 60.0,
+                          float(rule.token_burst or rule.tokens_per_minute), rule.shadow, tokens=True))
     return rates
 
 
@@ -103,7 +102,7 @@ class LimitTable:
         assert call.model is not None
         est_in, est_out = estimate_tokens(call.request.input, call.request.input_bytes,
                                           call.request.max_output_tokens or call.model.default_max_output_tokens)
-        rate_costs = tuple(float(est_in + est_out) if r.name.endswith(TOKENS) else 1.0 for r in rates)
+        rate_costs = tuple(float(est_in + est_out) if r.tokens else 1.0 for r in rates)
         price = self.prices.get(model)
         budget_costs = tuple(cost_micros(price, est_in, est_out) if b.is_cost else est_in + est_out for b in budgets)
         return Ask(call.org, tuple(rates), rate_costs, budgets, budget_costs), est_in, est_out
@@ -132,7 +131,7 @@ class Limits:
                                                        "org": call.org, "api_key_id": call.api_key_id})
         if not verdict.allowed:
             raise self._denied(call, ask, verdict)
-        if ask.budgets or any(r.name.endswith(TOKENS) for r in ask.rates):
+        if ask.budgets or any(r.tokens for r in ask.rates):
             call.reservation = Reservation(ask, verdict.degraded, est_in, est_out)
 
     def _denied(self, call: Call, ask: Ask, verdict: Verdict) -> SidecarError:
@@ -155,7 +154,7 @@ class Limits:
         ask = reservation.ask
         est_total = reservation.input_tokens + reservation.output_tokens
         used_in, used_out = actual if actual is not None else (0, 0)
-        rate_deltas = tuple(float(used_in + used_out) - charged(r, est_total) if r.name.endswith(TOKENS) else 0.0
+        rate_deltas = tuple(float(used_in + used_out) - charged(r, est_total) if r.tokens else 0.0
                             for r in ask.rates)
         price = self._tables.get(self._config()).prices.get(call.request.model)
         budget_deltas = tuple(

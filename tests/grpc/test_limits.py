@@ -26,7 +26,7 @@ from tests.grpc.test_proxy import INFER, INFER_STREAM, params
 from tests.harness.sidecar import BackendProc, SidecarProc, sidecar_config, start_sidecar
 
 SETTLE = 0.1  # seconds for a finished call's settlement to land
-NAMES = ("fast", "slow", "watched", "tok", "tokstream", "budget", "cost", "permodel")
+NAMES = ("fast", "slow", "watched", "tok", "tokstream", "budget", "cost", "permodel", "narrow")
 
 
 @dataclass
@@ -48,7 +48,7 @@ def limited(request: pytest.FixtureRequest, backend: BackendProc,
     store = request.param
     suffix = uuid.uuid4().hex[:8]
     keys = "\n".join(f'    - {{id: {n}, sha256: "{hashlib.sha256(f"sk-{n}-{suffix}".encode()).hexdigest()}", '
-                     f'org: {n}-{suffix}}}' for n in NAMES)
+                     f'org: {n}-{suffix}{", models: [embed*]" if n == "narrow" else ""}}}' for n in NAMES)
     # a generous timeout: a loaded CI machine must not push these tests into degraded mode
     redis = (f"\n  redis_url: {request.getfixturevalue('redis_url')}\n  redis_timeout_ms: 2000"
              if store == "redis" else "")
@@ -122,6 +122,20 @@ def metric(sidecar: SidecarProc, name: str, labels: dict[str, str]) -> float:
         text = response.read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == name and labels.items() <= sample.labels.items())
+
+
+# --- authentication comes first, whatever the store -----------------------------------------
+
+
+def test_authentication_errors(limited: Limited) -> None:
+    target = limited.sidecar.listen
+    request = InferRequest(model="chat", input="x").SerializeToString()
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as failure:
+        channel.unary_unary(INFER)(request, timeout=10)
+    assert error_detail(failure.value).reason == "UNAUTHORIZED"
+    assert denied(target, "sk-not-configured").reason == "INVALID_API_KEY"
+    detail = denied(target, limited.key("narrow"))
+    assert (detail.code, detail.reason) == (grpc.StatusCode.PERMISSION_DENIED, "FORBIDDEN")
 
 
 # --- request rates -------------------------------------------------------------------------
