@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sidecar.limits.budget import over_budget
-from sidecar.limits.gcra import decide, settled_tat
+from sidecar.limits.gcra import charged, decide, settled_tat
 from sidecar.limits.store import Ask, Verdict
 
 
@@ -58,7 +58,8 @@ class MemoryLimitStore:
             self._consumed[key] = (used + cost, budget.window.resets_at)
         if new_window:
             self._prune()  # a window began: those that ended go
-        return Verdict(True, shadow_denied=decision.shadow_denied)
+        return Verdict(True, shadow_denied=decision.shadow_denied,
+                       charged=tuple(charged(r, c) for r, c in zip(rates, ask.rate_costs, strict=True)))
 
     def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
                *, degraded: bool = False) -> None:

@@ -11,7 +11,7 @@ expire once their bucket is full again; budget keys at the end of their window p
 Scripts run by EVALSHA; after a NOSCRIPT (a restarted or flushed Redis) the script is loaded
 again and the call repeated once. Every failure leaves here as `StoreUnavailable`: the guard
 above decides what a failing store means for the call. No retries here: a slow store must cost
-a call at most one timeout.
+a call at most about two timeouts (its batch may wait behind the one in flight).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ for j = 1, m do
   local a = 2 + n * 4 + (j - 1) * 3
   used[j] = tonumber(redis.call('GET', KEYS[n + j]) or '0')
   if used[j] + tonumber(ARGV[a + 2]) > tonumber(ARGV[a + 1]) then
-    return {0, 2, j, tostring(used[j]), unpack(shadow)}
+    return {0, 2, j, string.format('%.0f', used[j]), unpack(shadow)}
   end
 end
 for i = 1, n do
@@ -173,7 +173,8 @@ class RedisLimitStore:
         allowed, kind, index, value = int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3])
         shadow = tuple(ask.rates[int(i) - 1].name for i in reply[4:])
         if allowed:
-            return Verdict(True, shadow_denied=shadow)
+            return Verdict(True, shadow_denied=shadow,
+                           charged=tuple(charged(r, c) for r, c in zip(ask.rates, ask.rate_costs, strict=True)))
         if kind == 1:
             return Verdict(False, value / 1e6, ask.rates[index - 1].name, shadow_denied=shadow)
         return Verdict(False, 0.0, ask.budgets[index - 1].name, True, int(value), shadow)

@@ -47,6 +47,7 @@ class Verdict:
     budget_used: int = 0              # for a budget denial: what its window has consumed
     shadow_denied: tuple[str, ...] = ()
     degraded: bool = False            # decided by the local fallback while the shared store is out
+    charged: tuple[float, ...] = ()   # when admitted: the units each rate was charged (capped at its burst)
 
 
 class LimitStore(Protocol):

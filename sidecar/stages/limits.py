@@ -28,7 +28,7 @@ from sidecar.call import Call
 from sidecar.config import Config, PerConfig, RateRule
 from sidecar.errors import SidecarError
 from sidecar.limits.budget import MICROS, Budget, cost_micros, day_window, estimate_tokens, month_window
-from sidecar.limits.gcra import Rate, charged
+from sidecar.limits.gcra import Rate
 from sidecar.limits.store import Ask, LimitStore, Verdict
 from sidecar.telemetry.metrics import (
     BUDGET_DENIALS,
@@ -58,8 +58,7 @@ class Reservation:
 
     ask: Ask
     degraded: bool
-    input_tokens: int
-    output_tokens: int
+    charged: tuple[float, ...]  # units each rate was charged (by the store that decided)
 
 
 class LimitTable:
@@ -91,8 +90,8 @@ class LimitTable:
             self._budgets[org] = cached
         return cached[1]
 
-    def ask(self, call: Call, now: float) -> tuple[Ask, int, int] | None:
-        """The ask of one call and its estimated (input, output) tokens; None when nothing applies."""
+    def ask(self, call: Call, now: float) -> Ask | None:
+        """What one call asks of the store, its tokens estimated; None when nothing applies."""
         model = call.request.model
         rates = [*self.orgs.get(call.org, ()), *self.keys.get(call.api_key_id, ()),
                  *self.org_models.get((call.org, model), ())]
@@ -105,7 +104,7 @@ class LimitTable:
         rate_costs = tuple(float(est_in + est_out) if r.tokens else 1.0 for r in rates)
         price = self.prices.get(model)
         budget_costs = tuple(cost_micros(price, est_in, est_out) if b.is_cost else est_in + est_out for b in budgets)
-        return Ask(call.org, tuple(rates), rate_costs, budgets, budget_costs), est_in, est_out
+        return Ask(call.org, tuple(rates), rate_costs, budgets, budget_costs)
 
 
 class Limits:
@@ -118,10 +117,9 @@ class Limits:
 
     async def __call__(self, call: Call) -> None:
         table = self._tables.get(self._config())
-        planned = table.ask(call, self._wall())
-        if planned is None:
+        ask = table.ask(call, self._wall())
+        if ask is None:
             return
-        ask, est_in, est_out = planned
         started = time.perf_counter()
         verdict = await self._store.admit(ask)
         LIMIT_DECISION_SECONDS.labels(self._store.name).observe(time.perf_counter() - started)
@@ -132,7 +130,7 @@ class Limits:
         if not verdict.allowed:
             raise self._denied(call, ask, verdict)
         if ask.budgets or any(r.tokens for r in ask.rates):
-            call.reservation = Reservation(ask, verdict.degraded, est_in, est_out)
+            call.reservation = Reservation(ask, verdict.degraded, verdict.charged)
 
     def _denied(self, call: Call, ask: Ask, verdict: Verdict) -> SidecarError:
         if not verdict.over_budget:
@@ -152,10 +150,9 @@ class Limits:
         if actual is None and call.relayed:
             return  # case 3: the estimate stands
         ask = reservation.ask
-        est_total = reservation.input_tokens + reservation.output_tokens
         used_in, used_out = actual if actual is not None else (0, 0)
-        rate_deltas = tuple(float(used_in + used_out) - charged(r, est_total) if r.tokens else 0.0
-                            for r in ask.rates)
+        rate_deltas = tuple(float(used_in + used_out) - units if r.tokens else 0.0
+                            for r, units in zip(ask.rates, reservation.charged, strict=True))
         price = self._tables.get(self._config()).prices.get(call.request.model)
         budget_deltas = tuple(
             (cost_micros(price, used_in, used_out) if b.is_cost else used_in + used_out) - cost
