@@ -108,33 +108,9 @@ class AdminTokenConfig(_Section):
     sha256: Sha256
 
 
-def _first_twice(values: Iterable[str]) -> str | None:
-    seen: set[str] = set()
-    for value in values:
-        if value in seen:
-            return value
-        seen.add(value)
-    return None
-
-
 class AuthConfig(_Section):
     api_keys: list[ApiKeyConfig] = Field(min_length=1)
     admin_tokens: list[AdminTokenConfig] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _unique(self) -> AuthConfig:
-        for kind, ids in (("api key", [k.id for k in self.api_keys]),
-                          ("admin token", [t.id for t in self.admin_tokens])):
-            twice = _first_twice(ids)
-            if twice is not None:
-                raise ValueError(f"{kind} id {twice!r} is used twice")
-        if _first_twice([k.sha256 for k in self.api_keys]) is not None:
-            raise ValueError("two api keys have the same sha256")
-        if _first_twice([t.sha256 for t in self.admin_tokens]) is not None:
-            raise ValueError("two admin tokens have the same sha256")
-        if {k.sha256 for k in self.api_keys} & {t.sha256 for t in self.admin_tokens}:
-            raise ValueError("an admin token has the same sha256 as an api key; use separate secrets")
-        return self
 
 
 class RateRule(_Section):
@@ -299,12 +275,33 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
     return config
 
 
+def _auth_problems(auth: AuthConfig) -> list[str]:
+    """Ids and digests are unique among keys and tokens; an admin token is never an API key."""
+    problems = []
+    for kind, path, items in (("api key", "auth.api_keys", [(k.id, k.sha256) for k in auth.api_keys]),
+                              ("admin token", "auth.admin_tokens", [(t.id, t.sha256) for t in auth.admin_tokens])):
+        ids: dict[str, int] = {}
+        digests: dict[str, int] = {}
+        for i, (name, digest) in enumerate(items):
+            if name in ids:
+                problems.append(f"{path}[{i}].id: {kind} id {name!r} is used twice (also {path}[{ids[name]}])")
+            if digest in digests:
+                problems.append(f"{path}[{i}].sha256: the same digest as {path}[{digests[digest]}]")
+            ids.setdefault(name, i)
+            digests.setdefault(digest, i)
+    api_digests = {k.sha256: i for i, k in enumerate(auth.api_keys)}
+    problems += [f"auth.admin_tokens[{i}].sha256: the same digest as auth.api_keys[{api_digests[t.sha256]}]; "
+                 "use separate secrets" for i, t in enumerate(auth.admin_tokens) if t.sha256 in api_digests]
+    return problems
+
+
 def _cross_check(config: Config) -> list[str]:
     """References between sections: a limit or budget must name an org, key or model that exists."""
     keys = config.auth.api_keys if config.auth else []
     orgs = {k.org for k in keys} if config.auth else {"anonymous"}
     known = ", ".join(sorted(orgs))
-    problems = [f"limits.orgs.{org}: no caller has this org (orgs: {known})"
+    problems = _auth_problems(config.auth) if config.auth else []
+    problems += [f"limits.orgs.{org}: no caller has this org (orgs: {known})"
                 for org in config.limits.orgs if org not in orgs]
     ids = {k.id for k in keys}
     problems += [f"limits.api_keys.{key}: no api key with this id in auth.api_keys"
