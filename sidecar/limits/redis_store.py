@@ -3,7 +3,8 @@
 One call = one round trip: a Lua script decides every rate and budget of an `Ask` and charges
 them only if all admit (the twin of `gcra.decide` and `budget.over_budget`). Settlements after
 calls are summed per key for a couple of milliseconds and sent together, one script per org,
-pipelined: under load a settlement costs a dict update, not a round trip. Time is Redis's own
+pipelined, or sooner with the next decisions' batch: a settlement costs a dict update, not a
+round trip of its own. Time is Redis's own
 (`TIME`), so sidecars with skewed clocks share one timeline. Every key of an ask carries the
 org as hash tag (`sidecar:rl:{acme}:...`), so a script's keys sit in one Cluster slot. Rate keys
 expire once their bucket is full again; budget keys at the end of their window plus a day.
@@ -192,26 +193,32 @@ class RedisLimitStore:
             await self.flush()
 
     async def flush(self) -> None:
-        """Sends the queued corrections: one SETTLE per org (one Cluster slot each), pipelined.
+        """Sends the queued corrections now: one SETTLE per org (one Cluster slot each), pipelined.
 
         A failure is reported to `on_failure` and the corrections are dropped: reservations then
-        stay charged, which never under-counts.
+        stay charged, which never under-counts (resending a timed-out script could apply a refund
+        twice).
         """
-        batch, self._pending = self._pending, Corrections()
-        if not batch.by_org:
-            return
-        try:
-            await self._settle_batch(batch)
-        except StoreUnavailable as exc:
-            self.on_failure(exc)
+        futures = self._queue_settlements()
+        if futures:
+            self._ensure_sender()
+            await asyncio.gather(*futures, return_exceptions=True)
 
-    async def _settle_batch(self, batch: Corrections) -> None:
-        replies = [self._run(self._settle, list(keys),
-                             [part for entry in keys.values() for part in (_num(entry[0]), _num(entry[1]))])
-                   for keys in batch.by_org.values()]
-        for reply in await asyncio.gather(*replies, return_exceptions=True):
-            if isinstance(reply, BaseException):
-                raise reply
+    def _queue_settlements(self) -> list[asyncio.Future[Any]]:
+        batch, self._pending = self._pending, Corrections()
+        futures = []
+        for keys in batch.by_org.values():
+            args = [part for entry in keys.values() for part in (_num(entry[0]), _num(entry[1]))]
+            future = self._enqueue(ScriptCall(self._settle, list(keys), args))
+            future.add_done_callback(self._settlement_done)
+            futures.append(future)
+        return futures
+
+    def _settlement_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self.on_failure(StoreUnavailable("cancelled in flight; whether it was applied is unknown"))
+        elif (exc := future.exception()) is not None:
+            self.on_failure(exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc)))
 
     async def ping(self) -> bool:
         try:
@@ -225,31 +232,43 @@ class RedisLimitStore:
         Calls queued while a batch is in flight go out together as the next batch (automatic
         pipelining): under load many decisions share one write, one read and one connection.
         """
+        future = self._enqueue(ScriptCall(script, keys, args))
+        self._ensure_sender()
+        return future
+
+    def _enqueue(self, call: ScriptCall) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((ScriptCall(script, keys, args), future))
+        self._queue.append((call, future))
+        return future
+
+    def _ensure_sender(self) -> None:
         if not self._sending:
             self._sending = True
             self._tasks.spawn(self._send_queued(), name="limit-store-batch")
-        return future
 
     async def _send_queued(self) -> None:
         """Sends queued calls batch after batch until the queue is empty."""
         try:
             while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    replies = await self._eval([call for call, _ in batch])
-                except StoreUnavailable as exc:
-                    replies = [exc] * len(batch)
-                for (_, future), reply in zip(batch, replies, strict=True):
-                    if future.done():
-                        continue  # its caller went away
-                    if isinstance(reply, BaseException):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
+                await self._send_batch()
         finally:
             self._sending = False
+
+    async def _send_batch(self) -> None:
+        """Sends what is queued as one pipeline and answers every future. Waiting settlements ride
+        along, so a steady flow of calls needs no round trip of its own for them."""
+        self._queue_settlements()
+        batch, self._queue = self._queue, []
+        try:
+            replies = await self._eval([call for call, _ in batch])
+        except StoreUnavailable as exc:
+            replies = [exc] * len(batch)
+        except BaseException:  # cancelled in flight: nobody will answer these calls now
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), reply in zip(batch, replies, strict=True):
+            _resolve(future, reply)
 
     async def _eval(self, calls: list[ScriptCall]) -> list[Any]:
         """EVALSHA each call in one round trip; after NOSCRIPT, loads the script and resends those."""
@@ -289,6 +308,15 @@ class RedisLimitStore:
 
     def __repr__(self) -> str:
         return f"<RedisLimitStore {self._where}>"
+
+
+def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
+    if future.done():
+        return  # its caller went away
+    if isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
 
 
 def _log_failure(exc: StoreUnavailable) -> None:

@@ -647,3 +647,17 @@ async def test_a_settlement_queued_during_a_flush_is_sent_too(valkey: Valkey) ->
     finally:
         await store.aclose()
         await client.aclose()
+
+
+async def test_settlements_ride_along_with_the_next_decision(
+        redis_store: RedisLimitStore, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a steady flow of calls a settlement needs no round trip of its own: it goes out in
+    the pipeline of the next decision, long before its own flush would."""
+    monkeypatch.setattr("sidecar.limits.redis_store.SETTLE_BATCH_SECONDS", 30.0)
+    org = new_org()
+    ask = Ask(org, (), (), (budget(org, "tokens_per_day", 1000),), (600,))
+    assert (await redis_store.admit(ask)).allowed
+    redis_store.settle(ask, (), (-500,))
+    other = new_org()
+    assert (await redis_store.admit(rates_ask(other, Rate(f"org:{other}:r", SLOW, 5)))).allowed
+    assert await redis_int(redis_client, ask.budget_key(0)) == 100
