@@ -1,11 +1,11 @@
 """The shared limit store: every sidecar's rates and budgets in one Redis (or Valkey, or Cluster).
 
 One call = one round trip: a Lua script decides every rate and budget of an `Ask` and charges
-them only if all admit (the twin of `gcra.decide` and `budget.over_budget`). Settlements after
-calls are summed per key for a couple of milliseconds and sent together, one script per org,
-pipelined, or sooner with the next decisions' batch: a settlement costs a dict update, not a
-round trip of its own. Time is Redis's own
-(`TIME`), so sidecars with skewed clocks share one timeline. Every key of an ask carries the
+them only if all admit (the twin of `gcra.decide` and `budget.over_budget`). Decisions that
+arrive while a batch is in flight go out together in the next pipeline. Settlements after calls
+are summed per key and sent one script per org, with the next batch of decisions or after a
+couple of milliseconds: a settlement costs a dict update, not a round trip of its own. Time is
+Redis's own (`TIME`), so sidecars with skewed clocks share one timeline. Every key of an ask carries the
 org as hash tag (`sidecar:rl:{acme}:...`), so a script's keys sit in one Cluster slot. Rate keys
 expire once their bucket is full again; budget keys at the end of their window plus a day.
 
@@ -157,7 +157,7 @@ class RedisLimitStore:
         self._pending = Corrections()
         self._flusher: asyncio.Task[None] | None = None
         self._tasks = Tasks()
-        # told about failures of background flushes; the guard points it at its breaker
+        # told when a batch of settlements is lost (they run in the background); the guard counts it
         self.on_failure: Callable[[StoreUnavailable], None] = _log_failure
 
     async def admit(self, ask: Ask) -> Verdict:
