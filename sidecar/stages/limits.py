@@ -114,6 +114,7 @@ class Limits:
         self._store = store
         self._wall = wall
         self._tables = PerConfig(LimitTable)
+        self._decision_seconds = LIMIT_DECISION_SECONDS.labels(store.name)
 
     async def __call__(self, call: Call) -> None:
         table = self._tables.get(self._config())
@@ -122,7 +123,7 @@ class Limits:
             return
         started = time.perf_counter()
         verdict = await self._store.admit(ask)
-        LIMIT_DECISION_SECONDS.labels(self._store.name).observe(time.perf_counter() - started)
+        self._decision_seconds.observe(time.perf_counter() - started)
         for name in verdict.shadow_denied:
             RATE_LIMIT_SHADOW_DENIALS.labels(call.org, name).inc()
             log.info("shadow limit would deny", extra={"request_id": call.request_id, "limit": name,
