@@ -27,9 +27,11 @@ from sidecar.ops.admin_auth import AdminAuth
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
-from sidecar.routing.balancer import WeightedRandom
 from sidecar.routing.channels import Channels, message_options
+from sidecar.routing.health_checks import HealthChecker
+from sidecar.routing.router import Router
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
+from sidecar.tasks import Tasks
 
 log = logging.getLogger("sidecar.app")
 
@@ -54,15 +56,24 @@ class Sidecar:
         self.health = Health(version)
         self.in_flight = InFlight()
         self.channels = Channels(config)
-        self.balancer = WeightedRandom(self.channels.backends)
+        self.tasks = Tasks()
+        self.router = Router(config, self.channels.backends)
+        self.router.on_change = self._routes_changed
+        self.health_checker = HealthChecker(self.router, self.channels, config.health_checks)
+        self.health.backends_ok = self.router.any_routable
+        self.health.components_from["backends"] = self.router.component
         self.limit_store = limit_store(config)
         self.health.components_from["limits"] = self.limit_store.component
-        self.pipeline = build_pipeline(lambda: self.config, self.balancer, self.limit_store)
+        self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server(AdminAuth(lambda: self.config))
         self._ops = OpsServer(self.health)
         self._stopped = asyncio.Event()
+
+    def _routes_changed(self) -> None:
+        """A backend became (un)healthy or was ejected: readiness may have changed."""
+        self.tasks.spawn(self.health.publish(), name="readiness")
 
     def _grpc_server(self, *interceptors: grpc.aio.ServerInterceptor) -> grpc.aio.Server:
         # so_reuseport off: a second sidecar on the same port must fail, not share the traffic
@@ -70,7 +81,7 @@ class Sidecar:
         return grpc.aio.server(options=options, interceptors=interceptors)
 
     async def start(self) -> None:
-        handlers = InferenceHandlers(self.pipeline, self.in_flight)
+        handlers = InferenceHandlers(self.pipeline, self.in_flight, self.router)
         self._server.add_registered_method_handlers(SERVICE, handlers.method_handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._admin)
@@ -85,6 +96,7 @@ class Sidecar:
         await self._admin.start()
         if self.config.auth is None:
             log.warning("auth is not configured: every caller is accepted as org 'anonymous'")
+        self.health_checker.start()
         await self.health.mark_started()
         log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,
                                          "ops_listen": self.listeners.ops_listen,
@@ -104,6 +116,8 @@ class Sidecar:
         if not finished:
             log.warning("grace period over; cancelling calls", extra={"in_flight": self.in_flight.count})
         await asyncio.gather(self._server.stop(None), self._admin.stop(None))
+        await self.health_checker.aclose()
+        await self.tasks.aclose(timeout=1.0)
         await self.limit_store.aclose()  # sends the settlements of the calls that just ended
         await self._ops.aclose()
         await self.channels.aclose()

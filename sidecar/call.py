@@ -21,6 +21,8 @@ from sidecar.errors import invalid_request, missing_field
 if TYPE_CHECKING:
     from sidecar.config import ModelConfig
     from sidecar.routing.channels import Backend
+    from sidecar.routing.endpoints import Endpoint
+    from sidecar.routing.router import Attempt
     from sidecar.stages.limits import Reservation
 
 # Metadata the backend receives from the caller. Credentials (`authorization`, `x-api-key`)
@@ -46,7 +48,8 @@ class Call:
     org: str = ""                    # set by authentication
     api_key_id: str = ""             # the key's configured id, never the key
     model: ModelConfig | None = None
-    backend: Backend | None = None
+    endpoint: Endpoint | None = None  # the backend of the current attempt
+    attempts: list[Attempt] = field(default_factory=list)
     reservation: Reservation | None = None  # tokens and budget charged ahead, settled at the end
     last_message: bytes | None = None  # the backend's response, or its last stream chunk so far
     relayed: bool = False            # a response message was handed to the caller
@@ -63,6 +66,11 @@ class Call:
             raise missing_field("model")
 
     @property
+    def backend(self) -> Backend:
+        assert self.endpoint is not None
+        return self.endpoint.backend
+
+    @property
     def streamed(self) -> bool:
         return self.method == "InferStream"
 
@@ -73,6 +81,12 @@ class Call:
         if self.time_remaining is None:
             return cap
         return max(0.0, min(cap, self.time_remaining - (time.perf_counter() - self.started)))
+
+    def model_timeout_binds(self, timeout: float) -> bool:
+        """Whether `timeout` is the model's cap (not the caller's deadline): when it runs out,
+        the backend was too slow, and that counts against it."""
+        assert self.model is not None
+        return timeout >= self.model.timeout_ms / 1000.0
 
 
 def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes], ...],

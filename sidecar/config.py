@@ -77,6 +77,7 @@ class BackendConfig(_Section):
     address: Address
     weight: float = Field(default=1.0, ge=0)
     priority: int = Field(default=0, ge=0)
+    max_in_flight: int | None = Field(default=None, ge=1)  # calls at once; a full backend is skipped
 
 
 class ModelConfig(_Section):
@@ -197,6 +198,44 @@ class BudgetsConfig(_Section):
     prices: dict[Name, Price] = Field(default_factory=dict)  # by model
 
 
+class HealthChecksConfig(_Section):
+    """Active grpc.health.v1 checks of every backend address."""
+
+    enabled: bool = True
+    interval_ms: int = Field(default=2_000, gt=0)
+    timeout_ms: int = Field(default=500, gt=0)
+    unhealthy_threshold: int = Field(default=3, ge=1)  # consecutive failed checks that mark it unhealthy
+    healthy_threshold: int = Field(default=2, ge=1)    # consecutive passed checks that mark it healthy again
+    service: str = ""                                  # the health service name asked of backends
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> HealthChecksConfig:
+        if self.timeout_ms > self.interval_ms:
+            raise ValueError("timeout_ms must be <= interval_ms")
+        return self
+
+
+class OutlierDetectionConfig(_Section):
+    """Passive ejection of backends whose real calls keep failing."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    base_ejection_ms: int = Field(default=30_000, gt=0)    # times the number of ejections so far
+    max_ejection_ms: int = Field(default=300_000, gt=0)
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)  # of a model's backends (one always may go)
+
+
+RetryableCode = Literal["UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"]
+
+
+class RetriesConfig(_Section):
+    """Retrying a failed attempt on another backend, before anything reached the caller."""
+
+    max_attempts: int = Field(default=2, ge=1)            # 1 = never retry
+    retry_on: list[RetryableCode] = Field(default_factory=lambda: list[RetryableCode](["UNAVAILABLE"]))
+    budget_percent: float = Field(default=20.0, ge=0, le=100)  # retries <= this share of recent calls
+    min_retries_per_second: float = Field(default=3.0, ge=0)   # ... but at least this many
+
+
 class ShutdownConfig(_Section):
     grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
 
@@ -210,6 +249,9 @@ class Config(_Section):
     auth: AuthConfig | None = None            # None: every caller is accepted (see docs)
     limits: LimitsConfig = LimitsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
+    health_checks: HealthChecksConfig = HealthChecksConfig()
+    outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
+    retries: RetriesConfig = RetriesConfig()
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from sidecar.call import Call
 from sidecar.config import Config
 from sidecar.limits.store import LimitStore
-from sidecar.routing.balancer import Balancer
+from sidecar.routing.router import Router
 from sidecar.stages.auth import Authenticate
 from sidecar.stages.limits import Limits
 from sidecar.stages.route import PickBackend, ResolveModel
@@ -38,7 +38,7 @@ class Pipeline:
         return f"<Pipeline {' -> '.join(type(s).__name__ for s in self.stages)}>"
 
 
-def build_pipeline(config: Callable[[], Config], balancer: Balancer, limit_store: LimitStore) -> Pipeline:
+def build_pipeline(config: Callable[[], Config], router: Router, limit_store: LimitStore) -> Pipeline:
     limits = Limits(config, limit_store)
     return Pipeline([
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
@@ -49,7 +49,7 @@ def build_pipeline(config: Callable[[], Config], balancer: Balancer, limit_store
         # model, and a refused call must not reach a backend.
         limits,
         # 4. pick a backend last: taking one is only worth it for a call every stage admitted.
-        PickBackend(balancer),
+        PickBackend(router),
     ], finishers=[
         # settle what limits reserved, from the backend's reported usage
         limits.finish,

@@ -18,6 +18,7 @@ from sidecar import errors
 from sidecar.call import Call, begin_call
 from sidecar.errors import SidecarError
 from sidecar.pipeline import Pipeline
+from sidecar.routing.router import Router
 from sidecar.stages import proxy
 
 SERVICE = "inference.v1.Inference"
@@ -61,9 +62,10 @@ class InFlight:
 
 
 class InferenceHandlers:
-    def __init__(self, pipeline: Pipeline, in_flight: InFlight) -> None:
+    def __init__(self, pipeline: Pipeline, in_flight: InFlight, router: Router) -> None:
         self._pipeline = pipeline
         self._in_flight = in_flight
+        self._router = router
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
         return {
@@ -88,16 +90,19 @@ class InferenceHandlers:
 
     async def infer(self, raw: bytes, context: Context) -> bytes:
         call = await self._admit("Infer", raw, context)
+        attempt: proxy.UnaryAttempt | None = None
         try:
-            rpc = proxy.start_unary(call)
+            attempt = proxy.start_unary(call, self._router)
             await context.send_initial_metadata((("x-request-id", call.request_id),))
-            response = await proxy.finish_unary(call, rpc)
+            response = await proxy.finish_unary(call, attempt, self._router)
             call.last_message, call.relayed, call.status = response, True, "OK"
             return response
         except Exception as exc:
             await _abort(context, call, exc)
             raise  # unreachable: abort raises
         finally:
+            if attempt is not None:
+                attempt.end(call, self._router, None)  # a no-op unless the caller left before the answer
             self._in_flight.leave()
             self._pipeline.finish(call)
 
@@ -105,7 +110,7 @@ class InferenceHandlers:
         call = await self._admit("InferStream", raw, context)
         try:
             await context.send_initial_metadata((("x-request-id", call.request_id),))
-            async for chunk in proxy.relay_stream(call):
+            async for chunk in proxy.relay_stream(call, self._router):
                 call.last_message, call.relayed = chunk, True
                 yield chunk
             call.status = "OK"

@@ -155,8 +155,8 @@ async def serve_backend(listen: str, options: DemoOptions, ready: asyncio.Event 
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
     inference_pb2_grpc.add_InferenceServicer_to_server(DemoBackend(options), server)
     health = HealthServicer()
-    await health.set(inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-                     health_pb2.HealthCheckResponse.SERVING)
+    for service in ("", inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port(listen)
     await server.start()

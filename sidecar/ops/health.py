@@ -2,7 +2,7 @@
 
 Drives the `grpc.health.v1` servicers (CONTRACT §4) and the JSON of `/healthz` and `/readyz`.
 Readiness (services "" and `inference.v1.Inference`) is SERVING once the config is loaded and
-the servers accept, and NOT_SERVING while draining; `liveness` is answered by the event loop
+the servers accept, and NOT_SERVING while draining and while no model has a healthy backend; `liveness` is answered by the event loop
 itself, so it is SERVING for as long as the loop turns.
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ class Health:
         self.servicers: list[HealthServicer] = []
         # component name -> its readiness detail, e.g. {"status": "degraded", ...}; shown in /readyz
         self.components_from: dict[str, Callable[[], dict[str, Any]]] = {}
+        # besides started and not draining, readiness needs this (some model has a healthy backend)
+        self.backends_ok: Callable[[], bool] = lambda: True
 
     def servicer(self) -> HealthServicer:
         """A servicer for one gRPC server; every servicer follows the same state."""
@@ -38,7 +40,7 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining
+        return self.started and not self.draining and self.backends_ok()
 
     async def publish(self) -> None:
         """Pushes the current state to every servicer (and so to every Watch stream)."""

@@ -77,6 +77,9 @@ class Channels:
             self._by_address[config.address] = channel
         return Backend(model, config, channel)
 
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return self._by_address[address]
+
     async def aclose(self) -> None:
         for channel in self._by_address.values():
             await channel.close()

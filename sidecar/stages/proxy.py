@@ -2,11 +2,17 @@
 
 The last step of a call. Unary responses come back as bytes; streams are relayed chunk by
 chunk, pulling the next chunk only after the caller took the previous one (gRPC flow control
-does the rest), so a long stream never sits in memory. Backend failures are translated here,
-at the boundary, into catalog errors.
+does the rest), so a long stream never sits in memory. Every attempt is reported to the router.
+
+A failed attempt is retried on another backend only before the commit point — the first
+response message: a unary call until it answered, a stream until its first chunk was relayed
+— and only when the router allows it (retryable code, attempts, deadline, retry budget). A
+stream never replays: after its first chunk, a failure ends the call. Backend failures are
+translated here, at the boundary, into catalog errors.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,35 +20,89 @@ import grpc
 from sidecar.call import Call
 from sidecar.errors import BACKEND_ERROR, SidecarError
 from sidecar.routing.channels import Backend
+from sidecar.routing.router import Router
 
 
-def start_unary(call: Call) -> grpc.aio.UnaryUnaryCall[bytes, bytes]:
+class UnaryAttempt:
+    """One unary attempt in flight on `call.endpoint`."""
+
+    def __init__(self, call: Call, router: Router) -> None:
+        self.endpoint = call.endpoint
+        assert self.endpoint is not None
+        timeout = call.backend_timeout()
+        self.capped = call.model_timeout_binds(timeout)
+        self.started = router.attempt_started(self.endpoint)
+        self.ended = False
+        self.rpc: grpc.aio.UnaryUnaryCall[bytes, bytes] = self.endpoint.backend.infer(
+            call.raw_request, timeout=timeout, metadata=call.forward_metadata)
+
+    def end(self, call: Call, router: Router, code: grpc.StatusCode | None) -> None:
+        """Reports the attempt once; `code` None = the caller went away (the backend call is cancelled)."""
+        if self.ended:
+            return
+        self.ended = True
+        assert self.endpoint is not None
+        if code is None:
+            self.rpc.cancel()
+        router.attempt_ended(call, self.endpoint, code, self.started, self.capped)
+
+
+def start_unary(call: Call, router: Router) -> UnaryAttempt:
     """Starts the backend call at once, so it runs while the server sends response headers."""
-    assert call.backend is not None
-    return call.backend.infer(call.raw_request, timeout=call.backend_timeout(),
-                              metadata=call.forward_metadata)
+    return UnaryAttempt(call, router)
 
 
-async def finish_unary(call: Call, rpc: grpc.aio.UnaryUnaryCall[bytes, bytes]) -> bytes:
-    assert call.backend is not None
-    try:
-        response: bytes = await rpc
-    except grpc.aio.AioRpcError as exc:
-        raise backend_failure(exc, call.backend) from None
-    return response
+async def finish_unary(call: Call, attempt: UnaryAttempt, router: Router) -> bytes:
+    """The backend's answer, retrying on another backend while the router allows it.
+
+    The caller must `end(call, router, None)` the attempt it started if it never gets here."""
+    while True:
+        assert attempt.endpoint is not None
+        try:
+            response: bytes = await attempt.rpc
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            attempt.end(call, router, code)
+            failed = attempt.endpoint.backend
+            if router.retry(call, code):
+                attempt = UnaryAttempt(call, router)
+                continue
+            raise backend_failure(exc, failed) from None
+        except asyncio.CancelledError:
+            attempt.end(call, router, None)
+            raise
+        attempt.end(call, router, grpc.StatusCode.OK)
+        return response
 
 
-async def relay_stream(call: Call) -> AsyncIterator[bytes]:
-    assert call.backend is not None
-    rpc = call.backend.infer_stream(call.raw_request, timeout=call.backend_timeout(),
-                                    metadata=call.forward_metadata)
-    try:
-        async for chunk in rpc:
-            yield chunk
-    except grpc.aio.AioRpcError as exc:
-        raise backend_failure(exc, call.backend) from None
-    finally:
-        rpc.cancel()  # a no-op once finished; stops the backend when the caller went away
+async def relay_stream(call: Call, router: Router) -> AsyncIterator[bytes]:
+    """The backend's chunks; retried on another backend only while no chunk was relayed."""
+    while True:
+        endpoint = call.endpoint
+        assert endpoint is not None
+        timeout = call.backend_timeout()
+        capped = call.model_timeout_binds(timeout)
+        started = router.attempt_started(endpoint)
+        rpc = endpoint.backend.infer_stream(call.raw_request, timeout=timeout, metadata=call.forward_metadata)
+        code: grpc.StatusCode | None = None  # None until known: the caller went away
+        failure: SidecarError | None = None
+        relayed = False
+        try:
+            async for chunk in rpc:
+                relayed = True
+                yield chunk
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            failure = backend_failure(exc, endpoint.backend)
+        finally:
+            rpc.cancel()  # a no-op once finished; stops the backend when the caller went away
+            router.attempt_ended(call, endpoint, code, started, capped)
+        if failure is None:
+            return
+        assert code is not None
+        if relayed or not router.retry(call, code):
+            raise failure
 
 
 def backend_failure(exc: grpc.aio.AioRpcError, backend: Backend) -> SidecarError:

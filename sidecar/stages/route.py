@@ -11,7 +11,7 @@ from collections.abc import Callable
 from sidecar.call import Call
 from sidecar.config import Config
 from sidecar.errors import SidecarError
-from sidecar.routing.balancer import Balancer
+from sidecar.routing.router import Router
 
 
 class ResolveModel:
@@ -27,13 +27,8 @@ class ResolveModel:
 
 
 class PickBackend:
-    def __init__(self, balancer: Balancer) -> None:
-        self._balancer = balancer
+    def __init__(self, router: Router) -> None:
+        self._router = router
 
     async def __call__(self, call: Call) -> None:
-        name = call.request.model
-        backend = self._balancer.pick(name)
-        if backend is None:
-            raise SidecarError("NO_BACKEND_AVAILABLE", f"no backend of model {name!r} can take the call",
-                               metadata={"model": name})
-        call.backend = backend
+        self._router.pick(call)

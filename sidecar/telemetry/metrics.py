@@ -26,3 +26,20 @@ LIMIT_STORE_ERRORS = Counter(
     "api_router_limit_store_errors", "Calls to the shared limit store that failed or timed out.")
 LIMIT_STORE_DEGRADED = Gauge(
     "api_router_limit_store_degraded", "1 while the shared limit store's breaker is open, else 0.")
+ROUTING_DECISIONS = Counter(
+    "api_router_routing_decisions", "Backends chosen for calls: primary tier, or failover (a lower tier, "
+    "or a retry on another backend).", ["model", "backend", "decision"])
+BACKEND_REQUESTS = Counter(
+    "api_router_backend_requests", "Attempts sent to backends, by outcome (gRPC code; CANCELLED when "
+    "the caller went away).", ["model", "backend", "code"])
+BACKEND_DURATION = Histogram(
+    "api_router_backend_request_duration_seconds", "Duration of attempts on backends (streams: to the end).",
+    ["model", "backend"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+BACKEND_ERRORS = Counter(
+    "api_router_backend_errors", "Attempts that count against a backend (they feed outlier ejection).",
+    ["model", "backend", "error_type"])
+BACKEND_EJECTIONS = Counter(
+    "api_router_backend_ejections", "Times a backend was ejected after consecutive failures.", ["model", "backend"])
+BACKEND_HEALTHY = Gauge(
+    "api_router_backend_healthy", "1 while a backend passes health checks and is not ejected, else 0.",
+    ["model", "backend"])

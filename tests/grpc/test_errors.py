@@ -122,11 +122,15 @@ class Broken:
 
 
 async def test_unexpected_exception_becomes_internal_error(caplog: pytest.LogCaptureFixture) -> None:
+    from sidecar.config import parse_config
     from sidecar.pipeline import Pipeline
+    from sidecar.routing.router import Router
     from sidecar.server import SERVICE, InferenceHandlers, InFlight
 
+    router = Router(parse_config("models: {chat: {backends: [{name: a, address: '127.0.0.1:1'}]}}"), {})
     server = grpc.aio.server()
-    server.add_registered_method_handlers(SERVICE, InferenceHandlers(Pipeline([Broken()]), InFlight()).method_handlers())
+    server.add_registered_method_handlers(SERVICE, InferenceHandlers(Pipeline([Broken()]), InFlight(),
+                                                                     router).method_handlers())
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sidecar.config import BackendConfig
 from sidecar.routing.balancer import WeightedRandom
 from sidecar.routing.channels import Backend
+from sidecar.routing.endpoints import Endpoint
 
 
 class NoChannel:
@@ -22,18 +23,21 @@ class NoChannel:
         return None
 
 
-def backends(*specs: tuple[str, float, int]) -> list[Backend]:
-    return [Backend("chat", BackendConfig(name=n, address=f"127.0.0.1:{6000 + i}", weight=w, priority=p),
-                    NoChannel())  # type: ignore[arg-type]
+def backends(*specs: tuple[str, float, int]) -> list[Endpoint]:
+    return [Endpoint(Backend("chat", BackendConfig(name=n, address=f"127.0.0.1:{6000 + i}", weight=w, priority=p),
+                             NoChannel()))  # type: ignore[arg-type]
             for i, (n, w, p) in enumerate(specs)]
+
+
+NOW = 1000.0
 
 
 def split(balancer: WeightedRandom, n: int) -> Counter[str]:
     picks = Counter[str]()
     for _ in range(n):
-        backend = balancer.pick("chat")
-        assert backend is not None
-        picks[backend.name] += 1
+        picked = balancer.pick("chat", NOW)
+        assert picked is not None
+        picks[picked[0].name] += 1
     return picks
 
 
@@ -56,8 +60,8 @@ def test_a_tier_with_zero_weight_falls_through_to_the_next() -> None:
 
 def test_no_weight_anywhere_means_no_backend() -> None:
     balancer = WeightedRandom({"chat": backends(("a", 0, 0))}, random.Random(1))
-    assert balancer.pick("chat") is None
-    assert balancer.pick("unknown") is None
+    assert balancer.pick("chat", NOW) is None
+    assert balancer.pick("unknown", NOW) is None
 
 
 @settings(max_examples=200, deadline=None)
@@ -68,13 +72,14 @@ def test_pick_is_always_from_the_first_tier_with_positive_weight(
     pool = backends(*((f"b{i}", w, p) for i, (w, p) in enumerate(specs)))
     balancer = WeightedRandom({"chat": pool}, random.Random(seed))
     tiers = sorted({p for w, p in specs if w > 0})
-    picked = balancer.pick("chat")
+    picked = balancer.pick("chat", NOW)
     if not tiers:
         assert picked is None
     else:
-        assert picked is not None and picked.config.priority == tiers[0] and picked.config.weight > 0
+        assert picked is not None and picked[0].priority == tiers[0] and picked[0].weight > 0
+        assert picked[1] == sorted({p for _, p in specs}).index(tiers[0])
 
 
 def test_repr_is_readable() -> None:
-    assert repr(backends(("a", 2, 0))[0]) == "<Backend chat/a 127.0.0.1:6000 w=2>"
+    assert repr(backends(("a", 2, 0))[0].backend) == "<Backend chat/a 127.0.0.1:6000 w=2>"
     assert repr(WeightedRandom({"chat": []})) == "<WeightedRandom models=['chat']>"

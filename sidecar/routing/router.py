@@ -1,0 +1,177 @@
+"""The router: which backend takes a call, what its outcome teaches, and whether to retry.
+
+Owns every model's endpoints (`endpoints.py`), the balancer and the retry budget. The pipeline's
+`PickBackend` stage calls `pick`; the proxy reports every attempt (`attempt_started`,
+`attempt_ended`) and asks `retry` after a failed one; the health checker reports checks
+(`record_check`). Changes of routability call `on_change`, so readiness can follow them.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from sidecar.call import Call
+from sidecar.config import Config
+from sidecar.errors import SidecarError
+from sidecar.routing.balancer import WeightedRandom
+from sidecar.routing.channels import Backend
+from sidecar.routing.endpoints import Endpoint, may_eject
+from sidecar.routing.retry_budget import RetryBudget
+from sidecar.telemetry.metrics import (
+    BACKEND_DURATION,
+    BACKEND_EJECTIONS,
+    BACKEND_ERRORS,
+    BACKEND_HEALTHY,
+    BACKEND_REQUESTS,
+    ROUTING_DECISIONS,
+)
+
+log = logging.getLogger("sidecar.routing")
+# outcomes that count against a backend (DEADLINE_EXCEEDED only when the backend's own time ran out)
+BACKEND_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+MIN_RETRY_SECONDS = 0.01  # a retry needs at least this much of the deadline left
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try of a call on one backend, for the usage and audit records."""
+
+    backend: str
+    status: str        # gRPC code name, or CANCELLED when the caller went away
+    duration_ms: float
+
+
+class Router:
+    def __init__(self, config: Config, backends: dict[str, list[Backend]],
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+        self.endpoints = {model: [Endpoint(b) for b in group] for model, group in backends.items()}
+        self._by_address: dict[str, list[Endpoint]] = {}
+        for group in self.endpoints.values():
+            for endpoint in group:
+                self._by_address.setdefault(endpoint.backend.config.address, []).append(endpoint)
+                BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
+        self._balancer = WeightedRandom(self.endpoints, rng)
+        self._health = config.health_checks
+        self._outlier = config.outlier_detection
+        self._retries = config.retries
+        self._retry_on = frozenset(grpc.StatusCode[name] for name in config.retries.retry_on)
+        self._budget = RetryBudget(config.retries.budget_percent, config.retries.min_retries_per_second, clock)
+        self._clock = clock
+        self.on_change: Callable[[], None] = lambda: None
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._by_address)
+
+    # --- choosing ------------------------------------------------------------------------------
+
+    def pick(self, call: Call) -> None:
+        """Sets `call.endpoint` for the call's first attempt, or refuses it."""
+        model = call.request.model
+        picked = self._balancer.pick(model, self._clock())
+        if picked is None:
+            raise SidecarError("NO_BACKEND_AVAILABLE", f"no backend of model {model!r} can take the call",
+                               metadata={"model": model})
+        self._budget.record_call()
+        endpoint, tier = picked
+        call.endpoint = endpoint
+        _decision(endpoint, "primary" if tier == 0 else "failover")
+
+    def retry(self, call: Call, code: grpc.StatusCode) -> bool:
+        """After a failed attempt that sent nothing to the caller: picks another backend and
+        returns True when the code is retryable, attempts, deadline and budget allow, and another
+        backend can take the call."""
+        if (code not in self._retry_on or len(call.attempts) >= self._retries.max_attempts
+                or call.backend_timeout() < MIN_RETRY_SECONDS):
+            return False
+        tried = {e for e in self.endpoints.get(call.request.model, ()) if e.name in {a.backend for a in call.attempts}}
+        picked = self._balancer.pick(call.request.model, self._clock(), exclude=tried)
+        if picked is None or not self._budget.try_retry():
+            return False
+        call.endpoint = picked[0]
+        _decision(picked[0], "failover")
+        return True
+
+    # --- learning from outcomes ---------------------------------------------------------------
+
+    def attempt_started(self, endpoint: Endpoint) -> float:
+        endpoint.in_flight += 1
+        return time.perf_counter()
+
+    def attempt_ended(self, call: Call, endpoint: Endpoint, code: grpc.StatusCode | None, started: float,
+                      backend_timed_out: bool = False) -> None:
+        """Records one attempt: `code` None = the caller went away (no verdict on the backend)."""
+        endpoint.in_flight -= 1
+        seconds = time.perf_counter() - started
+        name = code.name if code is not None else "CANCELLED"
+        call.attempts.append(Attempt(endpoint.name, name, round(seconds * 1000, 3)))
+        _observe(endpoint, name, seconds)
+        if code is None:
+            return
+        now = self._clock()
+        if code == grpc.StatusCode.OK:
+            endpoint.record_success(now, self._outlier)
+        elif code in BACKEND_FAULTS or (code == grpc.StatusCode.DEADLINE_EXCEEDED and backend_timed_out):
+            BACKEND_ERRORS.labels(endpoint.backend.model, endpoint.name, name).inc()
+            group = self.endpoints[endpoint.backend.model]
+            if endpoint.record_failure(now, self._outlier, may_eject(group, now, self._outlier.max_ejection_percent)):
+                BACKEND_EJECTIONS.labels(endpoint.backend.model, endpoint.name).inc()
+                log.warning("backend ejected", extra={"model": endpoint.backend.model, "backend": endpoint.name,
+                                                      "seconds": round(endpoint.ejected_until - now, 3),
+                                                      "times_ejected": endpoint.times_ejected})
+                self._changed(endpoint)
+
+    def record_check(self, address: str, passed: bool) -> None:
+        """One active health check of `address` (shared by every model's backend there)."""
+        for endpoint in self._by_address.get(address, ()):
+            if endpoint.record_check(passed, self._health.unhealthy_threshold, self._health.healthy_threshold):
+                log.warning("backend %s", "healthy" if passed else "unhealthy",
+                            extra={"model": endpoint.backend.model, "backend": endpoint.name})
+                self._changed(endpoint)
+
+    def _changed(self, endpoint: Endpoint) -> None:
+        now = self._clock()
+        BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(
+            int(endpoint.healthy and not endpoint.ejected(now)))
+        self.on_change()
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def any_routable(self) -> bool:
+        """Readiness: some model has a backend that is healthy and not ejected."""
+        now = self._clock()
+        return any(e.healthy and not e.ejected(now) for group in self.endpoints.values() for e in group)
+
+    def component(self) -> dict[str, Any]:
+        now = self._clock()
+        models = {model: {e.name: ("ejected" if e.ejected(now) else "healthy" if e.healthy else "unhealthy")
+                          for e in group} for model, group in self.endpoints.items()}
+        return {"status": "ok" if self.any_routable() else "no_healthy_backend", "models": models}
+
+    def __repr__(self) -> str:
+        return f"<Router models={sorted(self.endpoints)} {self._budget!r}>"
+
+
+def _decision(endpoint: Endpoint, decision: str) -> None:
+    child = endpoint.tags.get(decision)
+    if child is None:
+        child = endpoint.tags[decision] = ROUTING_DECISIONS.labels(endpoint.backend.model, endpoint.name, decision)
+    child.inc()  # type: ignore[attr-defined]
+
+
+def _observe(endpoint: Endpoint, code: str, seconds: float) -> None:
+    key = f"code:{code}"
+    child = endpoint.tags.get(key)
+    if child is None:
+        child = endpoint.tags[key] = BACKEND_REQUESTS.labels(endpoint.backend.model, endpoint.name, code)
+    child.inc()  # type: ignore[attr-defined]
+    duration = endpoint.tags.get("duration")
+    if duration is None:
+        duration = endpoint.tags["duration"] = BACKEND_DURATION.labels(endpoint.backend.model, endpoint.name)
+    duration.observe(seconds)  # type: ignore[attr-defined]
