@@ -104,8 +104,8 @@ class Launcher:
         self.workdir = workdir
         self._procs: list[BackendProc | SidecarProc] = []
 
-    def backend(self, *args: str) -> BackendProc:
-        proc = start_backend(self.workdir, *args)
+    def backend(self, *args: str, port: int | None = None) -> BackendProc:
+        proc = start_backend(self.workdir, *args, port=port)
         self._procs.append(proc)
         return proc
 

@@ -32,9 +32,9 @@ class BackendProc:
         return next((c for c in self.calls() if c.get("request_id") == request_id), None)
 
 
-def start_backend(workdir: Path, *args: str, name: str = "backend") -> BackendProc:
-    """A `sidecar demo-backend` on a free port, logging every call."""
-    port = free_port()
+def start_backend(workdir: Path, *args: str, name: str = "backend", port: int | None = None) -> BackendProc:
+    """A `sidecar demo-backend` on a free port (or `port`, to restart one), logging every call."""
+    port = port or free_port()
     address = f"127.0.0.1:{port}"
     proc = ManagedProcess([*SIDECAR, "demo-backend", "--listen", address, "--log-calls", *args],
                           workdir / f"{name}-{port}.log")

@@ -1,0 +1,178 @@
+"""The routing engine through the public interface: weights, tiers, health checks, ejection,
+retries before the commit point, and a backend killed under load."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from sidecar_client import error_detail
+from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest
+
+from tests.conftest import Launcher
+from tests.grpc.test_limits import metric
+from tests.grpc.test_proxy import INFER, INFER_STREAM, params
+from tests.harness.procs import wait_until
+from tests.harness.sidecar import BackendProc, SidecarProc, health_status, sidecar_config
+
+FAST_ROUTING = """health_checks: {interval_ms: 100, timeout_ms: 100, unhealthy_threshold: 2, healthy_threshold: 1}
+outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 5000}
+"""
+
+
+def routed(backends: list[tuple[str, BackendProc, float, int]], extra: str = "") -> str:
+    lines = "".join(f'\n    - {{name: {n}, address: "{b.address}", weight: {w}, priority: {p}}}'
+                    for n, b, w, p in backends)
+    return sidecar_config(f"chat:\n  timeout_ms: 5000\n  backends:{lines}") + FAST_ROUTING + extra
+
+
+def infer(target: str, **fields: object) -> str | None:
+    """One unary call: None when it succeeded, else the error reason."""
+    request = InferRequest(model="chat", input="hi", **fields)  # type: ignore[arg-type]
+    with grpc.insecure_channel(target) as channel:
+        try:
+            channel.unary_unary(INFER)(request.SerializeToString(), timeout=10)
+        except grpc.RpcError as error:
+            return error_detail(error).reason or error.code().name
+    return None
+
+
+def calls_on(backend: BackendProc) -> int:
+    return len(backend.calls())
+
+
+def backend_state(sidecar: SidecarProc, name: str) -> str:
+    try:
+        with urllib.request.urlopen(f"{sidecar.ops_url}/readyz", timeout=2) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = json.loads(error.read())
+    state: str = body["components"]["backends"]["models"]["chat"][name]
+    return state
+
+
+def test_traffic_splits_by_weight(launch: Launcher) -> None:
+    a, b = launch.backend(), launch.backend()
+    sidecar = launch.sidecar(routed([("a", a, 3, 0), ("b", b, 1, 0)]))
+    assert [infer(sidecar.listen) for _ in range(400)] == [None] * 400
+    # binomial(400, 0.75): sigma 8.7; 4 sigma either side
+    assert abs(calls_on(a) - 300) < 35 and calls_on(a) + calls_on(b) == 400
+
+
+def test_failover_tier_takes_over_when_the_primary_dies_and_hands_back(launch: Launcher) -> None:
+    primary, spare = launch.backend(), launch.backend()
+    sidecar = launch.sidecar(routed([("primary", primary, 1, 0), ("spare", spare, 1, 1)]))
+    assert [infer(sidecar.listen) for _ in range(20)] == [None] * 20
+    assert calls_on(spare) == 0
+    port = int(primary.address.rsplit(":", 1)[1])
+    primary.proc.kill()
+    assert [infer(sidecar.listen) for _ in range(20)] == [None] * 20  # retried onto the spare tier
+    wait_until(lambda: backend_state(sidecar, "primary") != "healthy", 5, what="primary marked down")
+    decisions = metric(sidecar, "api_router_routing_decisions_total", {"backend": "spare", "decision": "failover"})
+    assert decisions >= 20
+    revived = launch.backend(port=port)
+    wait_until(lambda: backend_state(sidecar, "primary") == "healthy", 10, what="primary back")
+    before = calls_on(spare), calls_on(revived)  # the revived one appends to the same log file
+    assert [infer(sidecar.listen) for _ in range(10)] == [None] * 10
+    assert calls_on(spare) == before[0] and calls_on(revived) == before[1] + 10
+
+
+@dataclass
+class Load:
+    target: str
+    outcomes: Counter[str] = field(default_factory=Counter)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        request = InferRequest(model="chat", input="hi").SerializeToString()
+        with grpc.insecure_channel(self.target) as channel:
+            call = channel.unary_unary(INFER)
+            while not self.stop.is_set():
+                try:
+                    call(request, timeout=5)
+                    self.outcomes["OK"] += 1
+                except grpc.RpcError as error:
+                    self.outcomes[error_detail(error).reason or error.code().name] += 1
+
+
+def test_a_backend_killed_under_load_costs_no_call(launch: Launcher) -> None:
+    a, b = launch.backend(), launch.backend()
+    sidecar = launch.sidecar(routed([("a", a, 1, 0), ("b", b, 1, 0)]))
+    loads = [Load(sidecar.listen) for _ in range(4)]
+    threads = [threading.Thread(target=load.run, daemon=True) for load in loads]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        port = int(a.address.rsplit(":", 1)[1])
+        killed = time.monotonic()
+        a.proc.kill()
+        wait_until(lambda: backend_state(sidecar, "a") != "healthy", 5, what="a marked down")
+        marked_down = time.monotonic() - killed
+        time.sleep(0.5)
+        revived = launch.backend(port=port)
+        restarted = time.monotonic()
+        old_calls = calls_on(revived)  # the revived one appends to the same log file
+        wait_until(lambda: backend_state(sidecar, "a") == "healthy", 10, what="a back")
+        wait_until(lambda: calls_on(revived) > old_calls, 5, what="a taking calls again")
+        back = time.monotonic() - restarted
+    finally:
+        for load in loads:
+            load.stop.set()
+        for thread in threads:
+            thread.join(10)
+    outcomes = sum((load.outcomes for load in loads), Counter[str]())
+    assert set(outcomes) == {"OK"} and outcomes["OK"] > 100, outcomes
+    assert marked_down < 2.0 and back < 5.0, (marked_down, back)
+    print(f"\nkilled backend: {outcomes['OK']} calls, no error; down after {marked_down * 1000:.0f} ms, "
+          f"taking calls {back * 1000:.0f} ms after its restart")
+
+
+def test_a_stream_failing_before_its_first_chunk_is_retried(launch: Launcher) -> None:
+    flaky = launch.backend("--fail-rate", "1", "--fail-code", "UNAVAILABLE")
+    good = launch.backend()
+    sidecar = launch.sidecar(routed([("flaky", flaky, 9, 0), ("good", good, 1, 0)],
+                                    "outlier_detection: {consecutive_failures: 1000}\n").replace(
+        "outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 5000}\n", ""))
+    for _ in range(10):
+        with grpc.insecure_channel(sidecar.listen) as channel:
+            chunks = list(channel.unary_stream(INFER_STREAM)(
+                InferRequest(model="chat", input="a b c").SerializeToString(), timeout=10))
+        assert InferChunk.FromString(chunks[-1]).usage.output_tokens == 8
+    assert calls_on(flaky) >= 5 and calls_on(good) == 10
+
+
+def test_a_stream_cut_after_its_first_chunk_is_not_replayed(launch: Launcher) -> None:
+    victim, spare = launch.backend(), launch.backend()
+    sidecar = launch.sidecar(routed([("victim", victim, 1, 0), ("spare", spare, 1, 1)]))
+    request = InferRequest(model="chat", input="a b c", parameters=params(tokens=50, chunk_delay_ms=50))
+    with grpc.insecure_channel(sidecar.listen) as channel:
+        stream = channel.unary_stream(INFER_STREAM)(request.SerializeToString(), timeout=10,
+                                                    metadata=(("x-request-id", "cut-stream-1"),))
+        first = next(stream)
+        assert InferChunk.FromString(first).delta == "a"
+        victim.proc.kill()
+        with pytest.raises(grpc.RpcError) as failure:
+            for _ in stream:
+                pass
+    assert error_detail(failure.value).reason == "BACKEND_UNAVAILABLE"
+    assert spare.call_for("cut-stream-1") is None
+
+
+def test_readiness_follows_backend_health(launch: Launcher) -> None:
+    only = launch.backend()
+    sidecar = launch.sidecar(routed([("only", only, 1, 0)]))
+    assert health_status(sidecar.listen) == "SERVING"
+    port = int(only.address.rsplit(":", 1)[1])
+    only.proc.kill()
+    wait_until(lambda: health_status(sidecar.listen) == "NOT_SERVING", 5, what="readiness NOT_SERVING")
+    assert health_status(sidecar.listen, "liveness") == "SERVING"
+    assert metric(sidecar, "api_router_backend_healthy", {"backend": "only"}) == 0
+    launch.backend(port=port)
+    wait_until(lambda: health_status(sidecar.listen) == "SERVING", 10, what="readiness SERVING again")
+    assert metric(sidecar, "api_router_backend_healthy", {"backend": "only"}) == 1
