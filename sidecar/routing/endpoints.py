@@ -24,6 +24,7 @@ class Endpoint:
     ejected_until: float = 0.0
     times_ejected: int = 0
     in_flight: int = 0
+    announced: bool = True        # healthy-and-not-ejected as last reported (gauge, readiness)
     tags: dict[str, object] = field(default_factory=dict)  # per-endpoint caches (metric children)
 
     @property
@@ -40,6 +41,10 @@ class Endpoint:
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
+
+    def up(self, now: float) -> bool:
+        """Healthy and not ejected: what readiness and `api_router_backend_healthy` show."""
+        return self.healthy and now >= self.ejected_until
 
     def routable(self, now: float) -> bool:
         """Healthy, not ejected and not full: may take a new call."""
@@ -63,9 +68,14 @@ class Endpoint:
             self.times_ejected = 0  # back for a whole base period without being ejected again
 
     def record_failure(self, now: float, outlier: OutlierDetectionConfig, may_eject: bool) -> bool:
-        """One failed call; True when it ejected the backend."""
+        """One failed call; True when it ejected the backend. Failures of calls still running
+        when it was ejected do not count toward the next ejection."""
+        if self.ejected(now):
+            return False
+        if self.times_ejected and now >= self.ejected_until + outlier.base_ejection_ms / 1000.0:
+            self.times_ejected = 0  # back for a whole base period: a new streak starts from scratch
         self.failures += 1
-        if self.failures < outlier.consecutive_failures or self.ejected(now) or not may_eject:
+        if self.failures < outlier.consecutive_failures or not may_eject:
             return False
         self.times_ejected += 1
         self.failures = 0

@@ -7,6 +7,7 @@ Owns every model's endpoints (`endpoints.py`), the balancer and the retry budget
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -125,7 +126,8 @@ class Router:
                 log.warning("backend ejected", extra={"model": endpoint.backend.model, "backend": endpoint.name,
                                                       "seconds": round(endpoint.ejected_until - now, 3),
                                                       "times_ejected": endpoint.times_ejected})
-                self._changed(endpoint)
+                _when_ejection_ends(endpoint.ejected_until - now, lambda: self._announce(endpoint))
+        self._announce(endpoint)
 
     def record_check(self, address: str, passed: bool) -> None:
         """One active health check of `address` (shared by every model's backend there)."""
@@ -133,20 +135,23 @@ class Router:
             if endpoint.record_check(passed, self._health.unhealthy_threshold, self._health.healthy_threshold):
                 log.warning("backend %s", "healthy" if passed else "unhealthy",
                             extra={"model": endpoint.backend.model, "backend": endpoint.name})
-                self._changed(endpoint)
+            self._announce(endpoint)
 
-    def _changed(self, endpoint: Endpoint) -> None:
-        now = self._clock()
-        BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(
-            int(endpoint.healthy and not endpoint.ejected(now)))
-        self.on_change()
+    def _announce(self, endpoint: Endpoint) -> None:
+        """Reports a change of `up` (a flip of health, an ejection, or its end) to the gauge and
+        to `on_change`; called whenever the router hears of the backend, and when an ejection ends."""
+        up = endpoint.up(self._clock())
+        if up != endpoint.announced:
+            endpoint.announced = up
+            BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(int(up))
+            self.on_change()
 
     # --- state ---------------------------------------------------------------------------------
 
     def any_routable(self) -> bool:
         """Readiness: some model has a backend that is healthy and not ejected."""
         now = self._clock()
-        return any(e.healthy and not e.ejected(now) for group in self.endpoints.values() for e in group)
+        return any(e.up(now) for group in self.endpoints.values() for e in group)
 
     def component(self) -> dict[str, Any]:
         now = self._clock()
@@ -156,6 +161,15 @@ class Router:
 
     def __repr__(self) -> str:
         return f"<Router models={sorted(self.endpoints)} {self._budget!r}>"
+
+
+def _when_ejection_ends(seconds: float, callback: Callable[[], None]) -> None:
+    """Runs `callback` once the ejection is over (when an event loop runs: always in the sidecar)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # pure use without a loop: the next check or call announces it
+    loop.call_later(seconds + 0.001, callback)
 
 
 def _decision(endpoint: Endpoint, decision: str) -> None:

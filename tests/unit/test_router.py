@@ -1,0 +1,545 @@
+"""The router: picking, attempt bookkeeping, passive ejection, retries, active checks, readiness.
+
+Pure given a clock moved by hand and a seeded `random.Random`; backends have no channels.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+from sidecar_client.inference.v1.inference_pb2 import InferRequest
+
+from sidecar.call import Call, begin_call
+from sidecar.config import Config, parse_config
+from sidecar.errors import SidecarError
+from sidecar.routing.channels import Backend
+from sidecar.routing.router import Router
+
+Code = grpc.StatusCode
+T0 = 1000.0
+
+# chat: a and b in tier 0, c in tier 1; embed: e shares a's address
+CONFIG = """
+models:
+  chat:
+    timeout_ms: 5000
+    backends:
+      - {name: a, address: "127.0.0.1:7001"}
+      - {name: b, address: "127.0.0.1:7002"}
+      - {name: c, address: "127.0.0.1:7003", priority: 1}
+  embed:
+    backends:
+      - {name: e, address: "127.0.0.1:7001"}
+health_checks: {unhealthy_threshold: 2, healthy_threshold: 2}
+outlier_detection: {consecutive_failures: 2, base_ejection_ms: 10000, max_ejection_ms: 60000,
+                    max_ejection_percent: 50}
+retries: {max_attempts: 3, retry_on: [UNAVAILABLE, INTERNAL], budget_percent: 20, min_retries_per_second: 1}
+"""
+
+
+class NoChannel:
+    """The router never touches channels; Backend only asks for its two method callables."""
+
+    def unary_unary(self, method: str) -> None:
+        return None
+
+    def unary_stream(self, method: str) -> None:
+        return None
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    config: Config
+    router: Router
+    clock: Clock
+    changes: list[int]
+
+    def call(self, time_remaining: float | None = None, model: str = "chat") -> Call:
+        call = begin_call("Infer", InferRequest(model=model).SerializeToString(), (), time_remaining)
+        call.parse()
+        call.model = self.config.models[model]
+        return call
+
+    def attempt(self, call: Call, code: Code | None, backend_timed_out: bool = False) -> None:
+        """One attempt of `call` on its current endpoint, ended with `code`."""
+        endpoint = call.endpoint
+        assert endpoint is not None
+        started = self.router.attempt_started(endpoint)
+        self.router.attempt_ended(call, endpoint, code, started, backend_timed_out)
+
+    def on(self, name: str, code: Code | None, times: int = 1, backend_timed_out: bool = False,
+           model: str = "chat") -> None:
+        """`times` calls of `model` forced onto backend `name`, each ended with `code`."""
+        endpoint = next(e for e in self.router.endpoints[model] if e.name == name)
+        for _ in range(times):
+            call = self.call(model=model)
+            call.endpoint = endpoint
+            self.attempt(call, code, backend_timed_out)
+
+    def state(self, model: str = "chat") -> dict[str, str]:
+        models: dict[str, dict[str, str]] = self.router.component()["models"]
+        return models[model]
+
+
+def make(text: str = CONFIG, seed: int = 1) -> Rig:
+    config = parse_config(text, environ={})
+    backends = {model: [Backend(model, b, NoChannel()) for b in m.backends]  # type: ignore[arg-type]
+                for model, m in config.models.items()}
+    clock = Clock()
+    router = Router(config, backends, clock, random.Random(seed))
+    changes: list[int] = []
+    router.on_change = lambda: changes.append(1)
+    return Rig(config, router, clock, changes)
+
+
+def healthy_gauge(model: str, backend: str) -> float | None:
+    return REGISTRY.get_sample_value("api_router_backend_healthy", {"model": model, "backend": backend})
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --- pick ----------------------------------------------------------------------------------------
+
+
+def test_pick_sets_the_endpoint_from_the_primary_tier() -> None:
+    rig = make()
+    seen = set()
+    for _ in range(200):
+        call = rig.call()
+        assert call.endpoint is None
+        rig.router.pick(call)
+        assert call.endpoint is not None and call.endpoint.backend.model == "chat"
+        seen.add(call.endpoint.name)
+    assert seen == {"a", "b"}
+
+
+def test_pick_counts_primary_and_failover_decisions() -> None:
+    rig = make()
+    before = sample("api_router_routing_decisions_total", model="chat", backend="c", decision="failover")
+    rig.on("a", Code.UNAVAILABLE, 2)                 # a ejected (the first always may be)
+    for _ in range(2):
+        rig.router.record_check("127.0.0.1:7002", False)  # b unhealthy
+    call = rig.call()
+    rig.router.pick(call)
+    assert call.endpoint is not None and call.endpoint.name == "c"
+    assert sample("api_router_routing_decisions_total", model="chat", backend="c",
+                  decision="failover") == before + 1
+
+
+def test_pick_raises_no_backend_available_when_nothing_is_routable() -> None:
+    rig = make()
+    for address in ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"):
+        rig.router.record_check(address, False)
+        rig.router.record_check(address, False)
+    call = rig.call()
+    with pytest.raises(SidecarError) as caught:
+        rig.router.pick(call)
+    assert caught.value.reason == "NO_BACKEND_AVAILABLE"
+    assert caught.value.code == Code.UNAVAILABLE
+    assert caught.value.metadata == {"model": "chat"}
+    assert call.endpoint is None
+
+
+def test_pick_refuses_when_every_backend_is_full() -> None:
+    rig = make(CONFIG.replace('7003", priority: 1}', '7003", priority: 1, max_in_flight: 1}')
+               .replace('7001"}\n      - {name: b', '7001", max_in_flight: 1}\n      - {name: b')
+               .replace('7002"}', '7002", max_in_flight: 2}'))
+    started = []
+    for _ in range(4):                               # a 1 + b 2 + c 1
+        call = rig.call()
+        rig.router.pick(call)
+        assert call.endpoint is not None
+        started.append((call, call.endpoint, rig.router.attempt_started(call.endpoint)))
+    assert sorted(e.name for _, e, _ in started) == ["a", "b", "b", "c"]
+    with pytest.raises(SidecarError, match="no backend of model 'chat'"):
+        rig.router.pick(rig.call())
+    call, endpoint, t = started[0]
+    rig.router.attempt_ended(call, endpoint, Code.OK, t)  # a slot frees
+    again = rig.call()
+    rig.router.pick(again)
+    assert again.endpoint is endpoint
+
+
+def test_pick_of_an_unknown_model_is_refused() -> None:
+    rig = make()
+    call = begin_call("Infer", InferRequest(model="nope").SerializeToString(), (), None)
+    call.parse()
+    with pytest.raises(SidecarError) as caught:
+        rig.router.pick(call)
+    assert caught.value.reason == "NO_BACKEND_AVAILABLE" and caught.value.metadata == {"model": "nope"}
+
+
+# --- attempt bookkeeping -----------------------------------------------------------------------
+
+
+def test_attempts_are_counted_in_flight_and_recorded() -> None:
+    rig = make()
+    call = rig.call()
+    rig.router.pick(call)
+    endpoint = call.endpoint
+    assert endpoint is not None
+    started = rig.router.attempt_started(endpoint)
+    assert endpoint.in_flight == 1
+    second = rig.router.attempt_started(endpoint)
+    assert endpoint.in_flight == 2
+    rig.router.attempt_ended(call, endpoint, Code.UNAVAILABLE, started)
+    assert endpoint.in_flight == 1
+    rig.router.attempt_ended(call, endpoint, None, second)
+    assert endpoint.in_flight == 0
+    assert [(a.backend, a.status) for a in call.attempts] == [(endpoint.name, "UNAVAILABLE"),
+                                                             (endpoint.name, "CANCELLED")]
+    assert all(a.duration_ms >= 0 for a in call.attempts)
+
+
+def test_attempt_outcomes_are_counted_by_code() -> None:
+    rig = make()
+    before = sample("api_router_backend_requests_total", model="chat", backend="b", code="RESOURCE_EXHAUSTED")
+    rig.on("b", Code.RESOURCE_EXHAUSTED, 3)
+    assert sample("api_router_backend_requests_total", model="chat", backend="b",
+                  code="RESOURCE_EXHAUSTED") == before + 3
+
+
+# --- passive ejection ----------------------------------------------------------------------------
+
+
+def test_consecutive_unavailable_eject_the_backend() -> None:
+    rig = make()
+    ejections = sample("api_router_backend_ejections_total", model="chat", backend="a")
+    rig.on("a", Code.UNAVAILABLE)
+    assert rig.state()["a"] == "healthy" and rig.changes == []
+    rig.on("a", Code.UNAVAILABLE)
+    assert rig.state() == {"a": "ejected", "b": "healthy", "c": "healthy"}
+    assert rig.changes == [1]
+    assert healthy_gauge("chat", "a") == 0
+    assert sample("api_router_backend_ejections_total", model="chat", backend="a") == ejections + 1
+    for _ in range(100):                             # new calls go elsewhere
+        call = rig.call()
+        rig.router.pick(call)
+        assert call.endpoint is not None and call.endpoint.name == "b"
+    rig.clock.now = T0 + 10.0                        # base_ejection_ms: back on its own
+    assert rig.state()["a"] == "healthy"
+
+
+@pytest.mark.parametrize("code", [Code.INTERNAL, Code.UNKNOWN])
+def test_other_backend_faults_eject_too(code: Code) -> None:
+    rig = make()
+    rig.on("a", code, 2)
+    assert rig.state()["a"] == "ejected"
+
+
+@pytest.mark.parametrize("code", [Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.NOT_FOUND,
+                                  Code.PERMISSION_DENIED, Code.FAILED_PRECONDITION])
+def test_the_backends_own_answers_do_not_eject(code: Code) -> None:
+    rig = make()
+    rig.on("a", code, 10)
+    assert rig.state()["a"] == "healthy" and rig.changes == []
+
+
+def test_deadline_exceeded_counts_only_when_the_backend_timed_out() -> None:
+    rig = make()
+    rig.on("a", Code.DEADLINE_EXCEEDED, 10)          # the caller's deadline ran out
+    assert rig.state()["a"] == "healthy"
+    rig.on("a", Code.DEADLINE_EXCEEDED, 2, backend_timed_out=True)
+    assert rig.state()["a"] == "ejected"
+
+
+def test_a_cancelled_attempt_counts_nothing() -> None:
+    rig = make()
+    rig.on("a", None, 10)
+    assert rig.state()["a"] == "healthy"
+    rig.on("a", Code.UNAVAILABLE)
+    rig.on("a", None, 3)                             # neither a failure nor a success
+    rig.on("a", Code.UNAVAILABLE)
+    assert rig.state()["a"] == "ejected"
+
+
+def test_a_success_resets_the_streak() -> None:
+    rig = make()
+    for _ in range(5):
+        rig.on("a", Code.UNAVAILABLE)
+        rig.on("a", Code.OK)
+    assert rig.state()["a"] == "healthy" and rig.changes == []
+
+
+def test_ejection_respects_max_ejection_percent() -> None:
+    rig = make()                                     # chat has 3 backends: 50 % allows only one
+    rig.on("a", Code.UNAVAILABLE, 2)
+    rig.on("b", Code.UNAVAILABLE, 5)
+    assert rig.state() == {"a": "ejected", "b": "healthy", "c": "healthy"}
+    assert rig.changes == [1]
+    rig.clock.now = T0 + 10.0                        # a is back: now b may go
+    rig.on("b", Code.UNAVAILABLE)
+    assert rig.state() == {"a": "healthy", "b": "ejected", "c": "healthy"}
+
+
+def test_ejection_is_per_model() -> None:
+    rig = make()
+    rig.on("a", Code.UNAVAILABLE, 2)
+    assert rig.state("embed") == {"e": "healthy"}    # same address, other model: its own record
+    rig.on("e", Code.UNAVAILABLE, 2, model="embed")  # the only one of its model: the first always may go
+    assert rig.state("embed") == {"e": "ejected"}
+
+
+def test_readiness_follows_an_ejection_that_ends() -> None:
+    """An ejection ends by time alone. The backend is then routable again, so the router must
+    report the change (`on_change`, which republishes gRPC readiness) and set its
+    `api_router_backend_healthy` gauge back to 1 -- at the latest when it next hears about the
+    backend (a passing health check, a call picked and answered)."""
+    rig = make("""
+models:
+  solo:
+    backends: [{name: only, address: "127.0.0.1:7101"}]
+outlier_detection: {consecutive_failures: 1, base_ejection_ms: 10000}
+""")
+    rig.on("only", Code.UNAVAILABLE, model="solo")
+    assert rig.state("solo") == {"only": "ejected"}
+    assert rig.changes == [1] and not rig.router.any_routable()
+    assert healthy_gauge("solo", "only") == 0
+    rig.clock.now = T0 + 11.0
+    assert rig.router.any_routable()                 # polled: fine
+    rig.router.record_check("127.0.0.1:7101", True)  # the health checker's next (passing) check
+    call = rig.call(model="solo")
+    rig.router.pick(call)
+    rig.attempt(call, Code.OK)
+    assert len(rig.changes) >= 2                     # on_change never called: gRPC readiness stays NOT_SERVING
+    assert healthy_gauge("solo", "only") == 1        # still 0: nothing ever sets it back
+
+
+# --- retries -------------------------------------------------------------------------------------
+
+
+def failed_first_attempt(rig: Rig, code: Code = Code.UNAVAILABLE, time_remaining: float | None = None) -> Call:
+    call = rig.call(time_remaining)
+    rig.router.pick(call)
+    rig.attempt(call, code)
+    return call
+
+
+def test_retry_picks_another_backend_for_a_retryable_code() -> None:
+    rig = make(CONFIG.replace("consecutive_failures: 2", "consecutive_failures: 1000"))  # no ejections
+    for _ in range(20):
+        call = failed_first_attempt(rig)
+        first = call.endpoint
+        assert first is not None
+        assert rig.router.retry(call, Code.UNAVAILABLE) is True
+        assert call.endpoint is not None and call.endpoint is not first
+        assert call.endpoint.name in {"a", "b"}      # still the primary tier while one is left
+        rig.clock.now += 1.0                         # keep within the budget's floor (1/s)
+
+
+@pytest.mark.parametrize("code", [Code.RESOURCE_EXHAUSTED, Code.INVALID_ARGUMENT, Code.DEADLINE_EXCEEDED,
+                                  Code.ABORTED, Code.OK])
+def test_no_retry_for_codes_not_in_retry_on(code: Code) -> None:
+    rig = make()
+    call = failed_first_attempt(rig, code)
+    first = call.endpoint
+    assert rig.router.retry(call, code) is False
+    assert call.endpoint is first
+
+
+def test_retry_on_is_configurable() -> None:
+    rig = make(CONFIG.replace("retry_on: [UNAVAILABLE, INTERNAL]", "retry_on: [RESOURCE_EXHAUSTED]"))
+    call = failed_first_attempt(rig, Code.RESOURCE_EXHAUSTED)
+    assert rig.router.retry(call, Code.RESOURCE_EXHAUSTED) is True
+    call = failed_first_attempt(rig)
+    assert rig.router.retry(call, Code.UNAVAILABLE) is False
+
+
+def test_never_beyond_max_attempts_nor_to_a_tried_backend() -> None:
+    rig = make()                                     # max_attempts 3; a, b then c
+    call = failed_first_attempt(rig)
+    tried = [call.endpoint]
+    for _ in range(2):
+        assert rig.router.retry(call, Code.UNAVAILABLE) is True
+        assert call.endpoint not in tried
+        tried.append(call.endpoint)
+        rig.attempt(call, Code.UNAVAILABLE)
+    assert sorted(e.name for e in tried if e is not None) == ["a", "b", "c"]
+    assert [a.backend for a in call.attempts] == [e.name for e in tried if e is not None]
+    assert rig.router.retry(call, Code.UNAVAILABLE) is False  # 3 attempts made
+
+
+def test_max_attempts_one_never_retries() -> None:
+    rig = make(CONFIG.replace("max_attempts: 3", "max_attempts: 1"))
+    call = failed_first_attempt(rig)
+    assert rig.router.retry(call, Code.UNAVAILABLE) is False
+
+
+def test_no_retry_when_every_backend_was_tried() -> None:
+    rig = make(CONFIG.replace("max_attempts: 3", "max_attempts: 10"))
+    call = failed_first_attempt(rig)
+    while rig.router.retry(call, Code.UNAVAILABLE):
+        rig.attempt(call, Code.UNAVAILABLE)
+    assert sorted(a.backend for a in call.attempts) == ["a", "b", "c"]  # each once, then no more
+
+
+def test_retry_skips_unroutable_backends() -> None:
+    rig = make()
+    call = rig.call()
+    call.endpoint = rig.router.endpoints["chat"][0]  # a
+    rig.attempt(call, Code.UNAVAILABLE)
+    rig.router.record_check("127.0.0.1:7002", False)
+    rig.router.record_check("127.0.0.1:7002", False)  # b unhealthy
+    assert rig.router.retry(call, Code.UNAVAILABLE) is True
+    assert call.endpoint is not None and call.endpoint.name == "c"
+
+
+def test_no_retry_when_the_deadline_is_nearly_gone() -> None:
+    rig = make()
+    for remaining in (0.0, 0.005):
+        call = failed_first_attempt(rig, time_remaining=remaining)
+        first = call.endpoint
+        assert rig.router.retry(call, Code.UNAVAILABLE) is False
+        assert call.endpoint is first
+    call = failed_first_attempt(rig, time_remaining=5.0)
+    assert rig.router.retry(call, Code.UNAVAILABLE) is True
+
+
+def test_no_retry_once_the_budget_is_spent() -> None:
+    rig = make(CONFIG.replace("budget_percent: 20, min_retries_per_second: 1",
+                              "budget_percent: 0, min_retries_per_second: 1"))
+    allowed = [rig.router.retry(failed_first_attempt(rig), Code.UNAVAILABLE) for _ in range(15)]
+    assert allowed == [True] * 10 + [False] * 5      # 1/s over the 10 s window
+    rig.clock.now = T0 + 10.0                        # the window has slid past them
+    assert rig.router.retry(failed_first_attempt(rig), Code.UNAVAILABLE) is True
+
+
+def test_the_budget_grows_with_picked_calls_and_counts_only_allowed_retries() -> None:
+    rig = make(CONFIG.replace("budget_percent: 20, min_retries_per_second: 1",
+                              "budget_percent: 50, min_retries_per_second: 0"))
+    calls = [failed_first_attempt(rig) for _ in range(4)]  # 4 picks -> 2 retries
+    assert rig.router.retry(calls[0], Code.RESOURCE_EXHAUSTED) is False  # not retryable: uses nothing
+    assert [rig.router.retry(c, Code.UNAVAILABLE) for c in calls] == [True, True, False, False]
+
+
+def test_a_retry_with_no_backend_left_uses_no_budget() -> None:
+    rig = make("""
+models:
+  chat:
+    backends:
+      - {name: a, address: "127.0.0.1:7201"}
+      - {name: b, address: "127.0.0.1:7202"}
+health_checks: {unhealthy_threshold: 1, healthy_threshold: 1}
+retries: {max_attempts: 3, budget_percent: 0, min_retries_per_second: 0.1}
+""")                                                 # the budget: one retry in the window
+    a = rig.router.endpoints["chat"][0]
+    rig.router.record_check("127.0.0.1:7202", False)  # b unhealthy: nowhere to retry
+    for _ in range(3):
+        call = rig.call()
+        call.endpoint = a
+        rig.attempt(call, Code.UNAVAILABLE)
+        assert rig.router.retry(call, Code.UNAVAILABLE) is False
+    rig.router.record_check("127.0.0.1:7202", True)
+    call = rig.call()
+    call.endpoint = a
+    rig.attempt(call, Code.UNAVAILABLE)
+    assert rig.router.retry(call, Code.UNAVAILABLE) is True  # the budget's one retry was still there
+    call = rig.call()
+    call.endpoint = a
+    rig.attempt(call, Code.UNAVAILABLE)
+    assert rig.router.retry(call, Code.UNAVAILABLE) is False  # and now it is spent
+
+
+def test_a_retry_counts_as_failover() -> None:
+    rig = make()
+    call = rig.call()
+    call.endpoint = rig.router.endpoints["chat"][0]
+    rig.attempt(call, Code.UNAVAILABLE)
+    before = sample("api_router_routing_decisions_total", model="chat", backend="b", decision="failover")
+    assert rig.router.retry(call, Code.UNAVAILABLE) is True
+    assert call.endpoint is not None and call.endpoint.name == "b"
+    assert sample("api_router_routing_decisions_total", model="chat", backend="b",
+                  decision="failover") == before + 1
+
+
+# --- active health checks --------------------------------------------------------------------------
+
+
+def test_record_check_affects_every_model_at_the_address() -> None:
+    rig = make()
+    rig.router.record_check("127.0.0.1:7001", False)
+    assert rig.changes == [] and rig.state()["a"] == "healthy"
+    rig.router.record_check("127.0.0.1:7001", False)
+    assert rig.state() == {"a": "unhealthy", "b": "healthy", "c": "healthy"}
+    assert rig.state("embed") == {"e": "unhealthy"}
+    assert len(rig.changes) == 2                     # one per endpoint that changed
+    assert healthy_gauge("chat", "a") == 0 and healthy_gauge("embed", "e") == 0
+    assert healthy_gauge("chat", "b") == 1
+    with pytest.raises(SidecarError):
+        rig.router.pick(rig.call(model="embed"))
+
+    rig.router.record_check("127.0.0.1:7001", True)
+    assert len(rig.changes) == 2
+    rig.router.record_check("127.0.0.1:7001", True)
+    assert rig.state()["a"] == "healthy" and rig.state("embed") == {"e": "healthy"}
+    assert len(rig.changes) == 4
+    assert healthy_gauge("chat", "a") == 1 and healthy_gauge("embed", "e") == 1
+
+
+def test_passing_checks_of_a_healthy_backend_change_nothing() -> None:
+    rig = make()
+    for _ in range(5):
+        rig.router.record_check("127.0.0.1:7002", True)
+    rig.router.record_check("127.0.0.1:9999", False)  # not ours
+    assert rig.changes == []
+
+
+def test_an_ejected_backend_stays_out_when_its_checks_pass() -> None:
+    rig = make()
+    rig.on("a", Code.UNAVAILABLE, 2)
+    rig.router.record_check("127.0.0.1:7001", True)
+    assert rig.state()["a"] == "ejected"
+    for _ in range(50):
+        call = rig.call()
+        rig.router.pick(call)
+        assert call.endpoint is not None and call.endpoint.name == "b"
+
+
+# --- state ---------------------------------------------------------------------------------------
+
+
+def test_any_routable_and_component() -> None:
+    rig = make()
+    assert rig.router.any_routable()
+    assert rig.router.component() == {"status": "ok", "models": {
+        "chat": {"a": "healthy", "b": "healthy", "c": "healthy"}, "embed": {"e": "healthy"}}}
+    for address in ("127.0.0.1:7001", "127.0.0.1:7002"):
+        rig.router.record_check(address, False)
+        rig.router.record_check(address, False)
+    assert rig.router.any_routable()                 # c is left
+    rig.on("c", Code.UNAVAILABLE, 2)                 # ejected
+    assert not rig.router.any_routable()
+    assert rig.router.component() == {"status": "no_healthy_backend", "models": {
+        "chat": {"a": "unhealthy", "b": "unhealthy", "c": "ejected"}, "embed": {"e": "unhealthy"}}}
+    rig.clock.now = T0 + 10.0
+    assert rig.router.any_routable()
+    assert rig.router.component()["status"] == "ok"
+
+
+def test_ejected_shows_over_unhealthy() -> None:
+    rig = make()
+    rig.on("a", Code.UNAVAILABLE, 2)
+    rig.router.record_check("127.0.0.1:7001", False)
+    rig.router.record_check("127.0.0.1:7001", False)
+    assert rig.state()["a"] == "ejected"
+    rig.clock.now = T0 + 10.0
+    assert rig.state()["a"] == "unhealthy"
+
+
+def test_addresses_and_repr() -> None:
+    rig = make()
+    assert rig.router.addresses == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+    assert repr(rig.router) == "<Router models=['chat', 'embed'] <RetryBudget 0 retries / 0 calls in 10s>>"
