@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
+from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
 from sidecar.config import Config
 from sidecar.limits.guarded import GuardedStore
@@ -24,6 +25,7 @@ from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.limits.redis_store import RedisLimitStore
 from sidecar.limits.store import LimitStore
 from sidecar.ops.admin_auth import AdminAuth
+from sidecar.ops.admin_service import RoutingAdmin
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
@@ -85,10 +87,12 @@ class Sidecar:
         self._server.add_registered_method_handlers(SERVICE, handlers.method_handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._admin)
+        admin_pb2_grpc.add_RoutingAdminServicer_to_server(RoutingAdmin(self.router), self._admin)
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
-        reflection.enable_server_reflection((names[1], reflection.SERVICE_NAME), self._admin)
+        admin_names = (admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name, names[1], reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(admin_names, self._admin)
         self.listeners.listen = _bind(self._server, self.config.listen)
         self.listeners.admin_listen = _bind(self._admin, self.config.admin_listen)
         self.listeners.ops_listen = _with_port(self.config.ops_listen, await self._ops.start(self.config.ops_listen))
@@ -96,6 +100,7 @@ class Sidecar:
         await self._admin.start()
         if self.config.auth is None:
             log.warning("auth is not configured: every caller is accepted as org 'anonymous'")
+        self.router.load_overrides()
         self.health_checker.start()
         await self.health.mark_started()
         log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,

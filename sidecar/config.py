@@ -245,6 +245,7 @@ class Config(_Section):
     admin_listen: Address = "127.0.0.1:50052"
     ops_listen: Address = "127.0.0.1:9464"
     max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    state_dir: str = "./var/state"            # routing overrides survive restarts here
     shutdown: ShutdownConfig = ShutdownConfig()
     auth: AuthConfig | None = None            # None: every caller is accepted (see docs)
     limits: LimitsConfig = LimitsConfig()

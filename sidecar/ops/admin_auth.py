@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -22,6 +23,8 @@ from sidecar.config import AuthConfig, Config, PerConfig
 from sidecar.errors import SidecarError
 
 log = logging.getLogger("sidecar.admin")
+# the admin token id of the call being served (the interceptor and the handler share one context)
+ADMIN_TOKEN_ID: ContextVar[str] = ContextVar("admin_token_id", default="")
 EXEMPT_PREFIX = "/grpc.health.v1.Health/"
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -59,6 +62,7 @@ class AdminAuth(grpc.aio.ServerInterceptor):
         if token_id is None:
             return SidecarError("INVALID_API_KEY", "the admin token is not valid")
         log.info("admin call", extra={"method": details.method, "admin_token_id": token_id})
+        ADMIN_TOKEN_ID.set(token_id)
         return None
 
 

@@ -5,7 +5,8 @@ Three independent reasons keep a backend from new calls:
    passes in a row);
 2. passive outlier ejection: `consecutive_failures` real calls failed in a row, so it is ejected
    for `base_ejection × times ejected` (capped), and comes back on its own when that time is up;
-3. saturation: `max_in_flight` calls are running on it.
+3. saturation: `max_in_flight` calls are running on it;
+4. an operator drained it (`overrides.py`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class Endpoint:
     times_ejected: int = 0
     in_flight: int = 0
     announced: bool = True        # healthy-and-not-ejected as last reported (gauge, readiness)
+    override_weight: float | None = None  # an operator's weight, instead of the configured one
+    drained: bool = False         # by an operator: no new calls, running ones finish
     tags: dict[str, object] = field(default_factory=dict)  # per-endpoint caches (metric children)
 
     @property
@@ -33,7 +36,7 @@ class Endpoint:
 
     @property
     def weight(self) -> float:
-        return self.backend.config.weight
+        return self.backend.config.weight if self.override_weight is None else self.override_weight
 
     @property
     def priority(self) -> int:
@@ -49,7 +52,8 @@ class Endpoint:
     def routable(self, now: float) -> bool:
         """Healthy, not ejected and not full: may take a new call."""
         limit = self.backend.config.max_in_flight
-        return self.healthy and now >= self.ejected_until and (limit is None or self.in_flight < limit)
+        return (self.healthy and now >= self.ejected_until and not self.drained
+                and (limit is None or self.in_flight < limit))
 
     def record_check(self, passed: bool, unhealthy_threshold: int, healthy_threshold: int) -> bool:
         """One active check's result; True when it changed `healthy`."""

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +24,8 @@ from sidecar.errors import SidecarError
 from sidecar.routing.balancer import WeightedRandom
 from sidecar.routing.channels import Backend
 from sidecar.routing.endpoints import Endpoint, may_eject
+from sidecar.routing.overrides import FILE_NAME as OVERRIDES_FILE
+from sidecar.routing.overrides import Override, OverrideTable
 from sidecar.routing.retry_budget import RetryBudget
 from sidecar.telemetry.metrics import (
     BACKEND_DURATION,
@@ -50,7 +53,8 @@ class Attempt:
 
 class Router:
     def __init__(self, config: Config, backends: dict[str, list[Backend]],
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.endpoints = {model: [Endpoint(b) for b in group] for model, group in backends.items()}
         self._by_address: dict[str, list[Endpoint]] = {}
         for group in self.endpoints.values():
@@ -64,6 +68,9 @@ class Router:
         self._retry_on = frozenset(grpc.StatusCode[name] for name in config.retries.retry_on)
         self._budget = RetryBudget(config.retries.budget_percent, config.retries.min_retries_per_second, clock)
         self._clock = clock
+        self._wall = wall
+        self.overrides = OverrideTable(Path(config.state_dir) / OVERRIDES_FILE)
+        self._pins: dict[str, Endpoint] = {}
         self.on_change: Callable[[], None] = lambda: None
 
     @property
@@ -75,14 +82,21 @@ class Router:
     def pick(self, call: Call) -> None:
         """Sets `call.endpoint` for the call's first attempt, or refuses it."""
         model = call.request.model
-        picked = self._balancer.pick(model, self._clock())
+        now = self._clock()
+        self._budget.record_call()
+        pinned = self._pins.get(model)
+        if pinned is not None and pinned.routable(now):
+            call.endpoint = pinned
+            _decision(pinned, "override")
+            return
+        picked = self._balancer.pick(model, now)
         if picked is None:
             raise SidecarError("NO_BACKEND_AVAILABLE", f"no backend of model {model!r} can take the call",
                                metadata={"model": model})
-        self._budget.record_call()
         endpoint, tier = picked
         call.endpoint = endpoint
-        _decision(endpoint, "primary" if tier == 0 else "failover")
+        _decision(endpoint, "override" if endpoint.override_weight is not None
+                  else "primary" if tier == 0 else "failover")
 
     def retry(self, call: Call, code: grpc.StatusCode) -> bool:
         """After a failed attempt that sent nothing to the caller: picks another backend and
@@ -98,6 +112,45 @@ class Router:
         call.endpoint = picked[0]
         _decision(picked[0], "failover")
         return True
+
+    # --- operator overrides --------------------------------------------------------------------
+
+    def endpoint(self, model: str, backend: str) -> Endpoint | None:
+        return next((e for e in self.endpoints.get(model, ()) if e.name == backend), None)
+
+    def load_overrides(self) -> None:
+        """At start: the overrides saved before a restart, minus those that expired meanwhile."""
+        self.overrides.load(self._wall())
+        self.apply_overrides()
+
+    def set_override(self, override: Override) -> None:
+        self.overrides.put(override)
+        self.apply_overrides()
+
+    def clear_override(self, model: str, backend: str) -> bool:
+        cleared = self.overrides.clear(model, backend)
+        self.apply_overrides()
+        return cleared
+
+    def apply_overrides(self) -> None:
+        """Makes the endpoints follow the live overrides; again when the next one expires."""
+        now = self._wall()
+        for group in self.endpoints.values():
+            for each in group:
+                each.override_weight, each.drained = None, False
+        self._pins = {}
+        for override in self.overrides.live(now):
+            target = self.endpoint(override.model, override.backend)
+            if target is None:
+                continue  # its backend left the config
+            if override.action == "weight":
+                target.override_weight = override.weight
+            elif override.action == "drain":
+                target.drained = True
+            else:
+                self._pins[override.model] = target
+            if override.expires_at:
+                _later(override.expires_at - now, self.apply_overrides)
 
     # --- learning from outcomes ---------------------------------------------------------------
 
@@ -126,7 +179,7 @@ class Router:
                 log.warning("backend ejected", extra={"model": endpoint.backend.model, "backend": endpoint.name,
                                                       "seconds": round(endpoint.ejected_until - now, 3),
                                                       "times_ejected": endpoint.times_ejected})
-                _when_ejection_ends(endpoint.ejected_until - now, lambda: self._announce(endpoint))
+                _later(endpoint.ejected_until - now, lambda: self._announce(endpoint))
         self._announce(endpoint)
 
     def record_check(self, address: str, passed: bool) -> None:
@@ -163,12 +216,13 @@ class Router:
         return f"<Router models={sorted(self.endpoints)} {self._budget!r}>"
 
 
-def _when_ejection_ends(seconds: float, callback: Callable[[], None]) -> None:
-    """Runs `callback` once the ejection is over (when an event loop runs: always in the sidecar)."""
+def _later(seconds: float, callback: Callable[[], None]) -> None:
+    """Runs `callback` once `seconds` are over (an ejection, an override) when an event loop runs:
+    always in the sidecar; pure use without one relies on the next check or call instead."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return  # pure use without a loop: the next check or call announces it
+        return
     loop.call_later(seconds + 0.001, callback)
 
 

@@ -31,12 +31,13 @@ def routed(backends: list[tuple[str, BackendProc, float, int]], extra: str = "")
     return sidecar_config(f"chat:\n  timeout_ms: 5000\n  backends:{lines}") + FAST_ROUTING + extra
 
 
-def infer(target: str, **fields: object) -> str | None:
-    """One unary call: None when it succeeded, else the error reason."""
+def infer(target: str, metadata_key: str | None = None, **fields: object) -> str | None:
+    """One unary call (with `metadata_key` as API key): None when it succeeded, else the error reason."""
     request = InferRequest(model="chat", input="hi", **fields)  # type: ignore[arg-type]
+    metadata = (("x-api-key", metadata_key),) if metadata_key else ()
     with grpc.insecure_channel(target) as channel:
         try:
-            channel.unary_unary(INFER)(request.SerializeToString(), timeout=10)
+            channel.unary_unary(INFER)(request.SerializeToString(), timeout=10, metadata=metadata)
         except grpc.RpcError as error:
             return error_detail(error).reason or error.code().name
     return None
