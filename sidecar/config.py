@@ -85,6 +85,10 @@ class ModelConfig(_Section):
     # what a call reserves for its output when the request sets no max_output_tokens (token
     # limits and budgets reserve before the call and settle to the real usage after)
     default_max_output_tokens: int = Field(default=1024, ge=1)
+    # weighted_random; or p2c_ewma: two weighted draws, the lower peak-EWMA latency x (in flight + 1) wins
+    balancer: Literal["weighted_random", "p2c_ewma"] = "weighted_random"
+    # session: calls with the same session_id go to the same backend (consistent hashing, bounded load)
+    affinity: Literal["none", "session"] = "none"
     backends: list[BackendConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

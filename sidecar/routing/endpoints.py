@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from sidecar.config import OutlierDetectionConfig
 from sidecar.routing.channels import Backend
+from sidecar.routing.p2c import PeakEwma
 
 
 @dataclass(eq=False, slots=True)
@@ -28,6 +29,7 @@ class Endpoint:
     announced: bool = True        # healthy-and-not-ejected as last reported (gauge, readiness)
     override_weight: float | None = None  # an operator's weight, instead of the configured one
     drained: bool = False         # by an operator: no new calls, running ones finish
+    latency: PeakEwma = field(default_factory=PeakEwma)  # of answered calls, for p2c_ewma
     tags: dict[str, object] = field(default_factory=dict)  # per-endpoint caches (metric children)
 
     @property

@@ -21,6 +21,7 @@ import grpc
 from sidecar.call import Call
 from sidecar.config import Config
 from sidecar.errors import SidecarError
+from sidecar.routing.affinity import HashRing
 from sidecar.routing.balancer import WeightedRandom
 from sidecar.routing.channels import Backend
 from sidecar.routing.endpoints import Endpoint, may_eject
@@ -61,7 +62,10 @@ class Router:
             for endpoint in group:
                 self._by_address.setdefault(endpoint.backend.config.address, []).append(endpoint)
                 BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
-        self._balancer = WeightedRandom(self.endpoints, rng)
+        self._balancer = WeightedRandom(self.endpoints, rng, p2c_models=[
+            m for m, model in config.models.items() if model.balancer == "p2c_ewma"])
+        self._rings = {m: HashRing([b.name for b in model.backends])
+                       for m, model in config.models.items() if model.affinity == "session"}
         self._health = config.health_checks
         self._outlier = config.outlier_detection
         self._retries = config.retries
@@ -89,6 +93,13 @@ class Router:
             call.endpoint = pinned
             _decision(pinned, "override")
             return
+        ring = self._rings.get(model)
+        if ring is not None and call.request.session_id:
+            sticky = self._sticky(ring, model, call.request.session_id, now)
+            if sticky is not None:
+                call.endpoint = sticky
+                _decision(sticky, "affinity")
+                return
         picked = self._balancer.pick(model, now)
         if picked is None:
             raise SidecarError("NO_BACKEND_AVAILABLE", f"no backend of model {model!r} can take the call",
@@ -97,6 +108,14 @@ class Router:
         call.endpoint = endpoint
         _decision(endpoint, "override" if endpoint.override_weight is not None
                   else "primary" if tier == 0 else "failover")
+
+    def _sticky(self, ring: HashRing, model: str, session_id: str, now: float) -> Endpoint | None:
+        """The session's backend among the routable ones of the first tier that has any: the
+        same while it stays routable and under 1.25 x the average load; only its sessions move."""
+        _, candidates = self._balancer.candidates(model, now)
+        by_name = {e.name: e for e in candidates}
+        name = ring.choose(session_id, by_name, {e.name: e.in_flight for e in candidates})
+        return None if name is None else by_name[name]
 
     def retry(self, call: Call, code: grpc.StatusCode) -> bool:
         """After a failed attempt that sent nothing to the caller: picks another backend and
@@ -171,6 +190,7 @@ class Router:
         now = self._clock()
         if code == grpc.StatusCode.OK:
             endpoint.record_success(now, self._outlier)
+            endpoint.latency.observe(seconds, now)
         elif code in BACKEND_FAULTS or (code == grpc.StatusCode.DEADLINE_EXCEEDED and backend_timed_out):
             BACKEND_ERRORS.labels(endpoint.backend.model, endpoint.name, name).inc()
             group = self.endpoints[endpoint.backend.model]

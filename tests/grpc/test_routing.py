@@ -2,6 +2,7 @@
 retries before the commit point, and a backend killed under load."""
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import grpc
 import pytest
 from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest
+from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
 from tests.conftest import Launcher
 from tests.grpc.test_limits import metric
@@ -25,16 +27,21 @@ outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejectio
 """
 
 
-def routed(backends: list[tuple[str, BackendProc, float, int]], extra: str = "") -> str:
+def routed(backends: list[tuple[str, BackendProc, float, int]], extra: str = "", model: str = "") -> str:
+    """A config routing model `chat` over `backends` (name, backend, weight, priority); `model`
+    adds keys to the model (e.g. "balancer: p2c_ewma"), `extra` top-level sections."""
     lines = "".join(f'\n    - {{name: {n}, address: "{b.address}", weight: {w}, priority: {p}}}'
                     for n, b, w, p in backends)
-    return sidecar_config(f"chat:\n  timeout_ms: 5000\n  backends:{lines}") + FAST_ROUTING + extra
+    model_keys = f"\n  {model}" if model else ""
+    return sidecar_config(f"chat:\n  timeout_ms: 5000{model_keys}\n  backends:{lines}") + FAST_ROUTING + extra
 
 
-def infer(target: str, metadata_key: str | None = None, **fields: object) -> str | None:
+def infer(target: str, metadata_key: str | None = None, request_id: str | None = None,
+          **fields: object) -> str | None:
     """One unary call (with `metadata_key` as API key): None when it succeeded, else the error reason."""
     request = InferRequest(model="chat", input="hi", **fields)  # type: ignore[arg-type]
-    metadata = (("x-api-key", metadata_key),) if metadata_key else ()
+    metadata = ((("x-api-key", metadata_key),) if metadata_key else ()) + (
+        (("x-request-id", request_id),) if request_id else ())
     with grpc.insecure_channel(target) as channel:
         try:
             channel.unary_unary(INFER)(request.SerializeToString(), timeout=10, metadata=metadata)
@@ -177,3 +184,41 @@ def test_readiness_follows_backend_health(launch: Launcher) -> None:
     launch.backend(port=port)
     wait_until(lambda: health_status(sidecar.listen) == "SERVING", 10, what="readiness SERVING again")
     assert metric(sidecar, "api_router_backend_healthy", {"backend": "only"}) == 1
+
+
+def test_p2c_ewma_sends_few_calls_to_a_slow_backend(launch: Launcher) -> None:
+    slow, fast = launch.backend("--delay-ms", "40"), launch.backend()
+    sidecar = launch.sidecar(routed([("slow", slow, 1, 0), ("fast", fast, 1, 0)], model="balancer: p2c_ewma"))
+    assert [infer(sidecar.listen) for _ in range(100)] == [None] * 100
+    assert calls_on(slow) < 15 < calls_on(fast)  # weighted random would give each about 50
+
+
+def test_sessions_stick_and_only_a_drained_backends_sessions_move(launch: Launcher) -> None:
+    pool = {f"b{i}": launch.backend() for i in range(4)}
+    token = "adm-affinity-1"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    sidecar = launch.sidecar(routed([(n, b, 1, 0) for n, b in pool.items()], model="affinity: session",
+                                    extra=f"""auth:
+  api_keys: [{{id: app, sha256: "{hashlib.sha256(b"sk-aff").hexdigest()}", org: acme}}]
+  admin_tokens: [{{id: ops, sha256: "{digest}"}}]
+"""))
+
+    def placement(round_: int) -> dict[str, str]:
+        placed = {}
+        for i in range(60):
+            rid = f"s{i}-r{round_}"
+            assert infer(sidecar.listen, "sk-aff", request_id=rid, session_id=f"session-{i}") is None
+            placed[f"session-{i}"] = next(n for n, b in pool.items() if b.call_for(rid) is not None)
+        return placed
+
+    first, second = placement(0), placement(1)
+    assert first == second and len(set(first.values())) == 4  # sticky, and spread over all four
+    gone = max(pool, key=lambda n: sum(v == n for v in first.values()))
+    with grpc.insecure_channel(sidecar.admin_listen) as channel:
+        admin_pb2_grpc.RoutingAdminStub(channel).SetOverride(
+            admin_pb2.SetOverrideRequest(model="chat", backend=gone, drain=True),
+            metadata=(("authorization", f"Bearer {token}"),), timeout=5)
+    third = placement(2)
+    moved = {s for s in first if third[s] != first[s]}
+    assert moved == {s for s, n in first.items() if n == gone}  # only the drained backend's sessions
+    assert 0.1 < len(moved) / len(first) < 0.45 and gone not in third.values()
