@@ -12,7 +12,7 @@ import random
 from collections.abc import Collection, Sequence
 
 from sidecar.routing.endpoints import Endpoint
-from sidecar.routing.p2c import pick_two, score
+from sidecar.routing.p2c import DEFAULT_RTT, pick_two, score
 
 
 class WeightedRandom:
@@ -32,7 +32,12 @@ class WeightedRandom:
         if not candidates:
             return None
         if model in self._p2c:
-            return pick_two(candidates, _weight, lambda e: score(e.latency, e.in_flight, now), self._rng), index
+            # a backend not measured yet is assumed as fast as the best measured one: it gets
+            # tried, then judged on its own replies
+            known = [v for e in candidates if (v := e.latency.value(now)) > 0]
+            unknown = min(known) if known else DEFAULT_RTT
+            return pick_two(candidates, _weight, lambda e: score(e.latency, e.in_flight, now, unknown),
+                            self._rng), index
         return choose(candidates, self._rng), index
 
     def candidates(self, model: str, now: float, exclude: Collection[Endpoint] = ()) -> tuple[int, list[Endpoint]]:

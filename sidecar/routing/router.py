@@ -140,6 +140,11 @@ class Router:
     def load_overrides(self) -> None:
         """At start: the overrides saved before a restart, minus those that expired meanwhile."""
         self.overrides.load(self._wall())
+        restored = self.overrides.live(self._wall())
+        if restored:
+            log.warning("routing overrides restored", extra={
+                "path": str(self.overrides.path),
+                "overrides": [f"{o.model}/{o.backend}:{o.action}" for o in restored]})
         self.apply_overrides()
 
     def set_override(self, override: Override) -> None:

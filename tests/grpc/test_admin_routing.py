@@ -14,7 +14,7 @@ from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
 from tests.conftest import Launcher
 from tests.grpc.test_proxy import params
-from tests.grpc.test_routing import calls_on, infer, routed
+from tests.grpc.test_routing import NO_CHECKS, calls_on, infer, routed
 from tests.harness.sidecar import BackendProc, SidecarProc, start_sidecar
 
 TOKEN = "adm-routing-5d1c"
@@ -22,7 +22,7 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def admin_config(a: BackendProc, b: BackendProc, state_dir: Path) -> str:
-    return routed([("a", a, 1, 0), ("b", b, 1, 0)], f"""state_dir: {state_dir}
+    return routed([("a", a, 1, 0), ("b", b, 1, 0)], checks=NO_CHECKS, extra=f"""state_dir: {state_dir}
 auth:
   api_keys: [{{id: app, sha256: "{hashlib.sha256(b"sk-app").hexdigest()}", org: acme}}]
   admin_tokens: [{{id: ops-alice, sha256: "{hashlib.sha256(TOKEN.encode()).hexdigest()}"}}]

@@ -22,18 +22,19 @@ from tests.grpc.test_proxy import INFER, INFER_STREAM, params
 from tests.harness.procs import wait_until
 from tests.harness.sidecar import BackendProc, SidecarProc, health_status, sidecar_config
 
-FAST_ROUTING = """health_checks: {interval_ms: 100, timeout_ms: 100, unhealthy_threshold: 2, healthy_threshold: 1}
-outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 5000}
-"""
+FAST_CHECKS = "health_checks: {interval_ms: 250, timeout_ms: 250, unhealthy_threshold: 2, healthy_threshold: 1}\n"
+NO_CHECKS = "health_checks: {enabled: false}\n"  # for tests where a slow check on a busy machine would interfere
+FAST_EJECTION = "outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 5000}\n"
 
 
-def routed(backends: list[tuple[str, BackendProc, float, int]], extra: str = "", model: str = "") -> str:
+def routed(backends: list[tuple[str, BackendProc, float, int]], extra: str = "", model: str = "",
+           checks: str = FAST_CHECKS) -> str:
     """A config routing model `chat` over `backends` (name, backend, weight, priority); `model`
     adds keys to the model (e.g. "balancer: p2c_ewma"), `extra` top-level sections."""
     lines = "".join(f'\n    - {{name: {n}, address: "{b.address}", weight: {w}, priority: {p}}}'
                     for n, b, w, p in backends)
     model_keys = f"\n  {model}" if model else ""
-    return sidecar_config(f"chat:\n  timeout_ms: 5000{model_keys}\n  backends:{lines}") + FAST_ROUTING + extra
+    return sidecar_config(f"chat:\n  timeout_ms: 5000{model_keys}\n  backends:{lines}") + checks + FAST_EJECTION + extra
 
 
 def infer(target: str, metadata_key: str | None = None, request_id: str | None = None,
@@ -144,9 +145,8 @@ def test_a_backend_killed_under_load_costs_no_call(launch: Launcher) -> None:
 def test_a_stream_failing_before_its_first_chunk_is_retried(launch: Launcher) -> None:
     flaky = launch.backend("--fail-rate", "1", "--fail-code", "UNAVAILABLE")
     good = launch.backend()
-    sidecar = launch.sidecar(routed([("flaky", flaky, 9, 0), ("good", good, 1, 0)],
-                                    "outlier_detection: {consecutive_failures: 1000}\n").replace(
-        "outlier_detection: {consecutive_failures: 3, base_ejection_ms: 1000, max_ejection_ms: 5000}\n", ""))
+    sidecar = launch.sidecar(routed([("flaky", flaky, 9, 0), ("good", good, 1, 0)]).replace(
+        FAST_EJECTION, "outlier_detection: {consecutive_failures: 1000}\n"))
     for _ in range(10):
         with grpc.insecure_channel(sidecar.listen) as channel:
             chunks = list(channel.unary_stream(INFER_STREAM)(
@@ -188,7 +188,8 @@ def test_readiness_follows_backend_health(launch: Launcher) -> None:
 
 def test_p2c_ewma_sends_few_calls_to_a_slow_backend(launch: Launcher) -> None:
     slow, fast = launch.backend("--delay-ms", "40"), launch.backend()
-    sidecar = launch.sidecar(routed([("slow", slow, 1, 0), ("fast", fast, 1, 0)], model="balancer: p2c_ewma"))
+    sidecar = launch.sidecar(routed([("slow", slow, 1, 0), ("fast", fast, 1, 0)], model="balancer: p2c_ewma",
+                                    checks=NO_CHECKS))
     assert [infer(sidecar.listen) for _ in range(100)] == [None] * 100
     assert calls_on(slow) < 15 < calls_on(fast)  # weighted random would give each about 50
 
@@ -198,7 +199,7 @@ def test_sessions_stick_and_only_a_drained_backends_sessions_move(launch: Launch
     token = "adm-affinity-1"
     digest = hashlib.sha256(token.encode()).hexdigest()
     sidecar = launch.sidecar(routed([(n, b, 1, 0) for n, b in pool.items()], model="affinity: session",
-                                    extra=f"""auth:
+                                    checks=NO_CHECKS, extra=f"""auth:
   api_keys: [{{id: app, sha256: "{hashlib.sha256(b"sk-aff").hexdigest()}", org: acme}}]
   admin_tokens: [{{id: ops, sha256: "{digest}"}}]
 """))

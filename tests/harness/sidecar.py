@@ -82,7 +82,9 @@ def start_sidecar(workdir: Path, config_text: str, *, name: str = "sidecar") -> 
     config_path = workdir / f"{name}-{free_port()}.yaml"
     config_path.write_text(config_text)
     raw = yaml.safe_load(config_text)
-    proc = ManagedProcess([*SIDECAR, "run", "--config", str(config_path)], config_path.with_suffix(".log"))
+    # run in the work dir: relative paths of the config (state_dir) stay inside the test's tmp dir
+    proc = ManagedProcess([*SIDECAR, "run", "--config", str(config_path)], config_path.with_suffix(".log"),
+                          cwd=workdir)
     sidecar = SidecarProc(proc, config_path, raw["listen"], raw["admin_listen"], raw["ops_listen"])
     wait_until(lambda: health_status(sidecar.listen) == "SERVING", 20, what="sidecar readiness", proc=proc)
     return sidecar
