@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
@@ -62,6 +63,11 @@ class Sidecar:
         self.router = Router(config, self.channels.backends)
         self.router.on_change = self._routes_changed
         self.health_checker = HealthChecker(self.router, self.channels, config.health_checks)
+        if config.overrides.store == "redis":
+            assert config.limits.redis_url is not None  # validated
+            timeout = config.limits.redis_timeout_ms / 1000.0
+            self.router.overrides.redis = aioredis.Redis.from_url(
+                config.limits.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.health.backends_ok = self.router.any_routable
         self.health.components_from["backends"] = self.router.component
         self.limit_store = limit_store(config)
@@ -72,6 +78,11 @@ class Sidecar:
         self._admin = self._grpc_server(AdminAuth(lambda: self.config))
         self._ops = OpsServer(self.health)
         self._stopped = asyncio.Event()
+
+    async def _sync_overrides(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.overrides.sync_interval_ms / 1000.0)
+            await self.router.sync_overrides()
 
     def _routes_changed(self) -> None:
         """A backend became (un)healthy or was ejected: readiness may have changed."""
@@ -100,7 +111,9 @@ class Sidecar:
         await self._admin.start()
         if self.config.auth is None:
             log.warning("auth is not configured: every caller is accepted as org 'anonymous'")
-        self.router.load_overrides()
+        await self.router.load_overrides()
+        if self.config.overrides.store == "redis":
+            self.tasks.spawn(self._sync_overrides(), name="overrides-sync")
         self.health_checker.start()
         await self.health.mark_started()
         log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,
@@ -122,7 +135,9 @@ class Sidecar:
             log.warning("grace period over; cancelling calls", extra={"in_flight": self.in_flight.count})
         await asyncio.gather(self._server.stop(None), self._admin.stop(None))
         await self.health_checker.aclose()
-        await self.tasks.aclose(timeout=1.0)
+        await self.tasks.aclose(timeout=0)  # readiness pushes and the overrides sync
+        if self.router.overrides.redis is not None:
+            await self.router.overrides.redis.aclose()
         await self.limit_store.aclose()  # sends the settlements of the calls that just ended
         await self._ops.aclose()
         await self.channels.aclose()

@@ -240,6 +240,13 @@ class RetriesConfig(_Section):
     min_retries_per_second: float = Field(default=3.0, ge=0)   # ... but at least this many
 
 
+class OverridesConfig(_Section):
+    """Where operator routing overrides are kept (see routing/overrides.py)."""
+
+    store: Literal["file", "redis"] = "file"          # file: state_dir; redis: limits.redis_url, shared
+    sync_interval_ms: int = Field(default=1_000, gt=0)  # redis: how soon other sidecars' changes apply
+
+
 class ShutdownConfig(_Section):
     grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
 
@@ -257,6 +264,7 @@ class Config(_Section):
     health_checks: HealthChecksConfig = HealthChecksConfig()
     outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
     retries: RetriesConfig = RetriesConfig()
+    overrides: OverridesConfig = OverridesConfig()
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -355,6 +363,8 @@ def _cross_check(config: Config) -> list[str]:
                  for key in config.limits.api_keys if key not in ids]
     if config.limits.store == "redis" and not config.limits.redis_url:
         problems.append("limits.redis_url: required when limits.store is redis")
+    if config.overrides.store == "redis" and not config.limits.redis_url:
+        problems.append("overrides.store: redis needs limits.redis_url")
     problems += [f"limits.orgs.{org}.models.{model}: no such model in models"
                  for org, rule in config.limits.orgs.items() for model in rule.models if model not in config.models]
     problems += [f"budgets.orgs.{org}: no caller has this org (orgs: {known})"

@@ -91,7 +91,7 @@ class RoutingAdmin(admin_pb2_grpc.RoutingAdminServicer):
             override = Override(request.model, request.backend, action, request.weight, request.ttl_seconds,
                                 request.reason, ADMIN_TOKEN_ID.get(), now,
                                 now + request.ttl_seconds if request.ttl_seconds else 0.0)
-            self._router.set_override(override)
+            await self._router.set_override(override)
             log.warning("routing override set", extra={
                 "admin_token_id": override.created_by, "model": override.model, "backend": override.backend,
                 "action": action, "weight": override.weight if action == "weight" else None,
@@ -102,7 +102,7 @@ class RoutingAdmin(admin_pb2_grpc.RoutingAdminServicer):
     async def ClearOverride(self, request: admin_pb2.ClearOverrideRequest,
                             context: Context) -> admin_pb2.ClearOverrideResponse:
         async def work() -> admin_pb2.ClearOverrideResponse:
-            cleared = self._router.clear_override(request.model, request.backend)
+            cleared = await self._router.clear_override(request.model, request.backend)
             log.warning("routing override cleared", extra={
                 "admin_token_id": ADMIN_TOKEN_ID.get(), "model": request.model, "backend": request.backend,
                 "cleared": cleared})

@@ -2,8 +2,13 @@
 
 Set through `RoutingAdmin` on the admin listener. One override per (model, backend), at most one
 pin per model (a new pin replaces the old). Times are wall-clock epoch seconds, so overrides
-survive a restart: the table is written to `state_dir/overrides.json` (temp file, fsync,
-rename) on every change and read at start, dropping what expired meanwhile.
+survive a restart. Where they are kept (`overrides.store`):
+
+1. `file` (default): this sidecar's `state_dir/overrides.json`, rewritten on every change (temp
+   file, fsync, rename) and read at start, dropping what expired meanwhile.
+2. `redis`: one hash (`sidecar:routing:overrides`) in the limit store's Redis, shared by every
+   sidecar; each one re-reads it every `sync_interval_ms`, so an override set on one replica
+   acts on all of them within that interval.
 """
 from __future__ import annotations
 
@@ -14,9 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sidecar.errors import SidecarError
+
 log = logging.getLogger("sidecar.routing")
 Action = Literal["weight", "drain", "pin"]
 FILE_NAME = "overrides.json"
+REDIS_KEY = "sidecar:routing:overrides"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,44 +45,75 @@ class Override:
     def live(self, now: float) -> bool:
         return self.expires_at == 0.0 or now < self.expires_at
 
+    @property
+    def field(self) -> str:
+        return f"{self.model}/{self.backend}"
+
 
 class OverrideTable:
-    """The overrides in force, by (model, backend); `path` None keeps them in memory only."""
+    """The overrides in force, by (model, backend), and where they are kept: a file (`path`),
+    a shared Redis hash (`redis`), or neither (memory only, for tests)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None = None, redis: aioredis.Redis | None = None) -> None:
         self.path = path
+        self.redis = redis
         self._items: dict[tuple[str, str], Override] = {}
-
-    def load(self, now: float) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            raw = json.loads(self.path.read_text())
-            items = [Override(**item) for item in raw["overrides"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("cannot read routing overrides; starting without them",
-                      extra={"path": str(self.path), "error": str(exc)})
-            return
-        self._items = {(o.model, o.backend): o for o in items if o.live(now)}
 
     def live(self, now: float) -> list[Override]:
         return [o for o in self._items.values() if o.live(now)]
 
-    def put(self, override: Override) -> None:
-        if override.action == "pin":
-            for key in [k for k, o in self._items.items() if o.model == override.model and o.action == "pin"]:
-                del self._items[key]
+    async def load(self, now: float) -> bool:
+        """Reads the kept overrides (at start; with Redis, again on every sync). True when the
+        table changed. A store that cannot be read keeps the table as it is."""
+        try:
+            items = await self._read()
+        except (OSError, ValueError, KeyError, TypeError, RedisError) as exc:
+            log.error("cannot read routing overrides; keeping the ones known",
+                      extra={"store": self._where(), "error": str(exc)})
+            return False
+        fresh = {(o.model, o.backend): o for o in items if o.live(now)}
+        changed = fresh != {k: o for k, o in self._items.items() if o.live(now)}
+        self._items = fresh
+        return changed
+
+    async def _read(self) -> list[Override]:
+        if self.redis is not None:
+            return [Override(**json.loads(raw)) for raw in (await self.redis.hgetall(REDIS_KEY)).values()]
+        if self.path is None or not self.path.exists():
+            return list(self._items.values())
+        return [Override(**item) for item in json.loads(self.path.read_text())["overrides"]]
+
+    async def put(self, override: Override) -> None:
+        replaced = [o for o in self._items.values()
+                    if override.action == "pin" and o.model == override.model and o.action == "pin"
+                    and o.backend != override.backend]
+        if self.redis is not None:
+            try:
+                if replaced:
+                    await self.redis.hdel(REDIS_KEY, *(o.field for o in replaced))
+                await self.redis.hset(REDIS_KEY, override.field, json.dumps(asdict(override)))
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+        for old in replaced:
+            del self._items[(old.model, old.backend)]
         self._items[(override.model, override.backend)] = override
         self._save()
 
-    def clear(self, model: str, backend: str) -> bool:
+    async def clear(self, model: str, backend: str) -> bool:
+        if self.redis is not None:
+            try:
+                removed = bool(await self.redis.hdel(REDIS_KEY, f"{model}/{backend}"))
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+            self._items.pop((model, backend), None)
+            return removed
         if self._items.pop((model, backend), None) is None:
             return False
         self._save()
         return True
 
     def _save(self) -> None:
-        if self.path is None:
+        if self.path is None or self.redis is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
@@ -81,5 +123,13 @@ class OverrideTable:
             os.fsync(out.fileno())
         temporary.replace(self.path)
 
+    def _where(self) -> str:
+        return f"redis {REDIS_KEY}" if self.redis is not None else str(self.path)
+
     def __repr__(self) -> str:
-        return f"<OverrideTable {len(self._items)} at {self.path}>"
+        return f"<OverrideTable {len(self._items)} in {self._where()}>"
+
+
+def _unavailable(exc: RedisError) -> SidecarError:
+    log.warning("override store unavailable", extra={"error": str(exc)})
+    return SidecarError("SERVICE_UNAVAILABLE", "the override store (Redis) is unavailable; nothing was changed")

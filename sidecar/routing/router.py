@@ -73,7 +73,7 @@ class Router:
         self._budget = RetryBudget(config.retries.budget_percent, config.retries.min_retries_per_second, clock)
         self._clock = clock
         self._wall = wall
-        self.overrides = OverrideTable(Path(config.state_dir) / OVERRIDES_FILE)
+        self.overrides = OverrideTable(Path(config.state_dir) / OVERRIDES_FILE)  # app.py may give it Redis
         self._pins: dict[str, Endpoint] = {}
         self.on_change: Callable[[], None] = lambda: None
 
@@ -137,22 +137,28 @@ class Router:
     def endpoint(self, model: str, backend: str) -> Endpoint | None:
         return next((e for e in self.endpoints.get(model, ()) if e.name == backend), None)
 
-    def load_overrides(self) -> None:
-        """At start: the overrides saved before a restart, minus those that expired meanwhile."""
-        self.overrides.load(self._wall())
+    async def load_overrides(self) -> None:
+        """At start: the overrides kept before a restart, minus those that expired meanwhile."""
+        await self.overrides.load(self._wall())
         restored = self.overrides.live(self._wall())
         if restored:
             log.warning("routing overrides restored", extra={
-                "path": str(self.overrides.path),
-                "overrides": [f"{o.model}/{o.backend}:{o.action}" for o in restored]})
+                "store": repr(self.overrides), "overrides": [f"{o.field}:{o.action}" for o in restored]})
         self.apply_overrides()
 
-    def set_override(self, override: Override) -> None:
-        self.overrides.put(override)
+    async def sync_overrides(self) -> None:
+        """With a shared store: picks up what other sidecars changed."""
+        if await self.overrides.load(self._wall()):
+            log.info("routing overrides changed elsewhere", extra={
+                "overrides": [f"{o.field}:{o.action}" for o in self.overrides.live(self._wall())]})
+            self.apply_overrides()
+
+    async def set_override(self, override: Override) -> None:
+        await self.overrides.put(override)
         self.apply_overrides()
 
-    def clear_override(self, model: str, backend: str) -> bool:
-        cleared = self.overrides.clear(model, backend)
+    async def clear_override(self, model: str, backend: str) -> bool:
+        cleared = await self.overrides.clear(model, backend)
         self.apply_overrides()
         return cleared
 

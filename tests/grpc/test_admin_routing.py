@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import Launcher
 from tests.grpc.test_proxy import params
 from tests.grpc.test_routing import NO_CHECKS, calls_on, infer, routed
+from tests.harness.procs import wait_until
 from tests.harness.sidecar import BackendProc, SidecarProc, start_sidecar
 
 TOKEN = "adm-routing-5d1c"
@@ -133,3 +135,33 @@ def test_bad_overrides_are_refused(pair: tuple[SidecarProc, BackendProc, Backend
         with pytest.raises(grpc.RpcError) as failure:
             admin(sidecar).SetOverride(request, metadata=AUTH, timeout=5)
         assert error_detail(failure.value).reason == reason
+
+
+def test_overrides_in_redis_are_shared_by_every_sidecar(launch: Launcher, tmp_path: Path, redis_url: str) -> None:
+    a, b = launch.backend(), launch.backend()
+    model = f"chat-{uuid.uuid4().hex[:6]}"  # the hash is shared by the session's Valkey: own model name
+
+    def shared(state: str) -> str:  # same models and store, own ports and state_dir
+        return admin_config(a, b, tmp_path / state).replace("chat:", f"{model}:", 1) + f"""limits:
+  redis_url: {redis_url}
+overrides: {{store: redis, sync_interval_ms: 200}}
+"""
+
+    one, two = launch.sidecar(shared("one")), launch.sidecar(shared("two"))
+    try:
+        admin(one).SetOverride(admin_pb2.SetOverrideRequest(model=model, backend="a", drain=True, ttl_seconds=60,
+                                                            reason="shared"), metadata=AUTH, timeout=5)
+
+        def drained_on_two() -> bool:
+            routes = admin(two).ListRoutes(admin_pb2.ListRoutesRequest(model=model), metadata=AUTH, timeout=5)
+            return any(r.health == admin_pb2.BACKEND_HEALTH_DRAINING and r.name == "a" for r in routes.routes[0].backends)
+
+        wait_until(drained_on_two, 3, what="the drain set on one sidecar to reach the other")
+        assert admin(two).ClearOverride(admin_pb2.ClearOverrideRequest(model=model, backend="a"),
+                                        metadata=AUTH, timeout=5).cleared
+        wait_until(lambda: not admin(one).ListRoutes(admin_pb2.ListRoutesRequest(model=model), metadata=AUTH,
+                                                     timeout=5).routes[0].overrides,
+                   3, what="the clear made on the other sidecar to reach the first")
+    finally:
+        for sidecar in (one, two):
+            sidecar.proc.stop()
