@@ -1,0 +1,235 @@
+"""The config's sections: one immutable pydantic model per YAML mapping, and the value types
+(addresses, names, digests) they share. `config.py` assembles them into `Config`, loads and
+cross-checks; every other module imports them from there.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
+
+
+def _address(value: str) -> str:
+    """`host:port` (IPv6 hosts in brackets); port 0 asks the OS for a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port with a port from 0 to 65535")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError("an IPv6 host must be in brackets, e.g. [::1]:50051")
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+    return value
+
+
+def _sha256(value: str) -> str:
+    """`sha256:<hex>` (as `sidecar hash-key` prints it) or bare hex -> lower-case hex."""
+    match = _SHA256.match(value.strip())
+    if match is None:
+        raise ValueError("must be a SHA-256 hex digest (64 hex digits, optionally prefixed 'sha256:'); "
+                         "make one with `sidecar hash-key KEY`")
+    return match.group(2).lower()
+
+
+def _redis_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+RedisUrl = Annotated[str, AfterValidator(_redis_url)]
+Sha256 = Annotated[str, AfterValidator(_sha256)]
+Name = Annotated[str, AfterValidator(_name)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(Section):
+    name: Name
+    address: Address
+    weight: float = Field(default=1.0, ge=0)
+    priority: int = Field(default=0, ge=0)
+    max_in_flight: int | None = Field(default=None, ge=1)  # calls at once; a full backend is skipped
+
+
+class ModelConfig(Section):
+    timeout_ms: int = Field(default=30_000, gt=0)
+    # what a call reserves for its output when the request sets no max_output_tokens (token
+    # limits and budgets reserve before the call and settle to the real usage after)
+    default_max_output_tokens: int = Field(default=1024, ge=1)
+    # weighted_random; or p2c_ewma: two weighted draws, the lower peak-EWMA latency x (in flight + 1) wins
+    balancer: Literal["weighted_random", "p2c_ewma"] = "weighted_random"
+    # session: calls with the same session_id go to the same backend (consistent hashing, bounded load)
+    affinity: Literal["none", "session"] = "none"
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_backend_names(self) -> ModelConfig:
+        seen: set[str] = set()
+        for backend in self.backends:
+            if backend.name in seen:
+                raise ValueError(f"backend name {backend.name!r} is used twice")
+            seen.add(backend.name)
+        return self
+
+
+class ApiKeyConfig(Section):
+    id: Name                                  # appears in logs, metrics, usage records; the key never does
+    sha256: Sha256
+    org: Name
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)  # glob patterns
+
+
+class AdminTokenConfig(Section):
+    id: Name                                  # logged for admin calls; the token never is
+    sha256: Sha256
+
+
+class AuthConfig(Section):
+    api_keys: list[ApiKeyConfig] = Field(min_length=1)
+    admin_tokens: list[AdminTokenConfig] = Field(default_factory=list)
+
+
+class RateRule(Section):
+    """Request and token rates; each burst defaults to one minute's amount."""
+
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)        # requests admitted at once from idle
+    token_burst: int | None = Field(default=None, ge=1)  # tokens admitted at once from idle
+    shadow: bool = False                                 # count and report, never deny
+
+    def _check_rates(self, required: bool) -> None:
+        if required and self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("needs requests_per_minute or tokens_per_minute")
+        if self.burst is not None and self.requests_per_minute is None:
+            raise ValueError("burst needs requests_per_minute")
+        if self.token_burst is not None and self.tokens_per_minute is None:
+            raise ValueError("token_burst needs tokens_per_minute")
+
+
+class LimitRule(RateRule):
+    """The rates of one API key, or of one org on one model."""
+
+    @model_validator(mode="after")
+    def _has_a_rate(self) -> LimitRule:
+        self._check_rates(required=True)
+        return self
+
+
+class OrgLimitRule(RateRule):
+    """The rates of every key of one org together, and optionally per model."""
+
+    models: dict[Name, LimitRule] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_a_rate(self) -> OrgLimitRule:
+        self._check_rates(required=not self.models)
+        return self
+
+
+class LimitsConfig(Section):
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: RedisUrl | None = None
+    # connect and reply timeout of one store call; above a CFS throttling period (100 ms), so a
+    # CPU-limited pod's stall does not count as a dead store
+    redis_timeout_ms: int = Field(default=250, gt=0)
+    on_store_error: Literal["allow", "deny"] = "allow"
+    expected_replicas: int = Field(default=1, ge=1)        # with allow: each sidecar takes 1/n locally
+    breaker_failures: int = Field(default=3, ge=1)         # consecutive store errors that open the breaker
+    breaker_cooldown_ms: int = Field(default=1_000, gt=0)  # how often an open breaker probes the store
+    orgs: dict[Name, OrgLimitRule] = Field(default_factory=dict)
+    api_keys: dict[Name, LimitRule] = Field(default_factory=dict)  # by api key id
+
+
+
+class BudgetRule(Section):
+    """Spending caps of one org over UTC calendar windows: tokens, and cost from model prices."""
+
+    tokens_per_day: int | None = Field(default=None, ge=1)
+    tokens_per_month: int | None = Field(default=None, ge=1)
+    cost_per_day: float | None = Field(default=None, gt=0)
+    cost_per_month: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _has_a_cap(self) -> BudgetRule:
+        if not self.caps():
+            raise ValueError("needs tokens_per_day, tokens_per_month, cost_per_day or cost_per_month")
+        return self
+
+    def caps(self) -> dict[str, float]:
+        return {name: value for name, value in (("tokens_per_day", self.tokens_per_day),
+                                                ("tokens_per_month", self.tokens_per_month),
+                                                ("cost_per_day", self.cost_per_day),
+                                                ("cost_per_month", self.cost_per_month)) if value is not None}
+
+
+class Price(Section):
+    input_per_1k: float = Field(ge=0)   # cost of 1000 input tokens, in the unit of the cost budgets
+    output_per_1k: float = Field(ge=0)
+
+
+class BudgetsConfig(Section):
+    orgs: dict[Name, BudgetRule] = Field(default_factory=dict)
+    prices: dict[Name, Price] = Field(default_factory=dict)  # by model
+
+
+class HealthChecksConfig(Section):
+    """Active grpc.health.v1 checks of every backend address."""
+
+    enabled: bool = True
+    interval_ms: int = Field(default=2_000, gt=0)
+    timeout_ms: int = Field(default=500, gt=0)
+    unhealthy_threshold: int = Field(default=3, ge=1)  # consecutive failed checks that mark it unhealthy
+    healthy_threshold: int = Field(default=2, ge=1)    # consecutive passed checks that mark it healthy again
+    service: str = ""                                  # the health service name asked of backends
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> HealthChecksConfig:
+        if self.timeout_ms > self.interval_ms:
+            raise ValueError("timeout_ms must be <= interval_ms")
+        return self
+
+
+class OutlierDetectionConfig(Section):
+    """Passive ejection of backends whose real calls keep failing."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    base_ejection_ms: int = Field(default=30_000, gt=0)    # times the number of ejections so far
+    max_ejection_ms: int = Field(default=300_000, gt=0)
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)  # of a model's backends (one always may go)
+
+
+RetryableCode = Literal["UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"]
+
+
+class RetriesConfig(Section):
+    """Retrying a failed attempt on another backend, before anything reached the caller."""
+
+    max_attempts: int = Field(default=2, ge=1)            # 1 = never retry
+    retry_on: list[RetryableCode] = Field(default_factory=lambda: list[RetryableCode](["UNAVAILABLE"]))
+    budget_percent: float = Field(default=20.0, ge=0, le=100)  # retries <= this share of recent calls
+    min_retries_per_second: float = Field(default=3.0, ge=0)   # ... but at least this many
+
+
+class OverridesConfig(Section):
+    """Where operator routing overrides are kept (see routing/overrides.py)."""
+
+    store: Literal["file", "redis"] = "file"          # file: state_dir; redis: limits.redis_url, shared
+    sync_interval_ms: int = Field(default=1_000, gt=0)  # redis: how soon other sidecars' changes apply
+
+
+class ShutdownConfig(Section):
+    grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
+
+
