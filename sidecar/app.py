@@ -12,6 +12,7 @@ import hashlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
@@ -35,6 +36,7 @@ from sidecar.routing.health_checks import HealthChecker
 from sidecar.routing.router import Router
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
 from sidecar.tasks import Tasks
+from sidecar.usage.sinks import FileSink, NoSink, UsageSink
 
 log = logging.getLogger("sidecar.app")
 
@@ -72,7 +74,9 @@ class Sidecar:
         self.health.components_from["backends"] = self.router.component
         self.limit_store = limit_store(config)
         self.health.components_from["limits"] = self.limit_store.component
-        self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store)
+        self.usage = usage_sink(config)
+        self.health.components_from["usage"] = self.usage.component
+        self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server(AdminAuth(lambda: self.config))
@@ -139,6 +143,7 @@ class Sidecar:
         if self.router.overrides.redis is not None:
             await self.router.overrides.redis.aclose()
         await self.limit_store.aclose()  # sends the settlements of the calls that just ended
+        await self.usage.aclose()  # writes the records of the calls that just ended
         await self._ops.aclose()
         await self.channels.aclose()
         log.info("stopped", extra={"clean": finished})
@@ -165,6 +170,13 @@ def limit_store(config: Config) -> LimitStore:
     redis = RedisLimitStore(limits.redis_url, timeout=limits.redis_timeout_ms / 1000.0)
     return GuardedStore(redis, on_error=limits.on_store_error, share=1.0 / limits.expected_replicas,
                         failures=limits.breaker_failures, cooldown=limits.breaker_cooldown_ms / 1000.0)
+
+
+def usage_sink(config: Config) -> UsageSink:
+    if config.usage.sink == "file":
+        file = config.usage.file
+        return FileSink(Path(file.path), file.max_bytes, file.backups)
+    return NoSink()
 
 
 def _bind(server: grpc.aio.Server, address: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
-from sidecar_client.inference.v1.inference_pb2 import InferRequest
+from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest, InferResponse
 
 from sidecar.errors import invalid_request, missing_field
 
@@ -45,6 +45,7 @@ class Call:
     forward_metadata: tuple[tuple[str, str], ...]
     time_remaining: float | None     # seconds until the caller's deadline, at arrival
     started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=time.time)  # epoch seconds, for records
     org: str = ""                    # set by authentication
     api_key_id: str = ""             # the key's configured id, never the key
     model: ModelConfig | None = None
@@ -73,6 +74,15 @@ class Call:
     @property
     def streamed(self) -> bool:
         return self.method == "InferStream"
+
+    def reported_usage(self) -> tuple[int, int] | None:
+        """(input, output) tokens the backend reported in its last message, if it did."""
+        if self.last_message is None:
+            return None
+        message = (InferChunk if self.streamed else InferResponse).FromString(self.last_message)
+        if not message.HasField("usage"):
+            return None
+        return message.usage.input_tokens, message.usage.output_tokens
 
     def backend_timeout(self) -> float:
         """Seconds the backend may take: the caller's deadline capped by the model's timeout."""

@@ -37,13 +37,14 @@ from sidecar.config_sections import (
     RetriesConfig,
     Section,
     ShutdownConfig,
+    UsageConfig,
 )
 
 __all__ = [
     "AdminTokenConfig", "ApiKeyConfig", "AuthConfig", "BackendConfig", "BudgetRule", "BudgetsConfig", "Config",
     "ConfigError", "HealthChecksConfig", "LimitRule", "LimitsConfig", "ModelConfig", "OrgLimitRule",
     "OutlierDetectionConfig", "OverridesConfig", "PerConfig", "Price", "RateRule", "RetriesConfig",
-    "ShutdownConfig", "key_path", "load_config", "parse_config",
+    "ShutdownConfig", "UsageConfig", "key_path", "load_config", "parse_config",
 ]
 
 S = TypeVar("S")
@@ -73,6 +74,7 @@ class Config(Section):
     outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
     retries: RetriesConfig = RetriesConfig()
     overrides: OverridesConfig = OverridesConfig()
+    usage: UsageConfig = UsageConfig()
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -233,3 +233,16 @@ class ShutdownConfig(Section):
     grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
 
 
+
+
+class UsageFileConfig(Section):
+    path: str = "./var/usage/usage.jsonl"
+    max_bytes: int = Field(default=100 * 1024 * 1024, gt=0)  # rotate past this size
+    backups: int = Field(default=5, ge=0)                     # rotated files kept
+
+
+class UsageConfig(Section):
+    """Where usage records go; `kafka` (with the write-ahead spool) comes with its own version."""
+
+    sink: Literal["none", "file"] = "none"
+    file: UsageFileConfig = UsageFileConfig()

@@ -16,6 +16,8 @@ from sidecar.routing.router import Router
 from sidecar.stages.auth import Authenticate
 from sidecar.stages.limits import Limits
 from sidecar.stages.route import PickBackend, ResolveModel
+from sidecar.stages.usage import RecordUsage
+from sidecar.usage.sinks import UsageSink
 
 Stage = Callable[[Call], Awaitable[None]]
 Finisher = Callable[[Call], None]
@@ -38,7 +40,8 @@ class Pipeline:
         return f"<Pipeline {' -> '.join(type(s).__name__ for s in self.stages)}>"
 
 
-def build_pipeline(config: Callable[[], Config], router: Router, limit_store: LimitStore) -> Pipeline:
+def build_pipeline(config: Callable[[], Config], router: Router, limit_store: LimitStore,
+                   usage: UsageSink) -> Pipeline:
     limits = Limits(config, limit_store)
     return Pipeline([
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
@@ -51,6 +54,8 @@ def build_pipeline(config: Callable[[], Config], router: Router, limit_store: Li
         # 4. pick a backend last: taking one is only worth it for a call every stage admitted.
         PickBackend(router),
     ], finishers=[
-        # settle what limits reserved, from the backend's reported usage
+        # 1. settle what limits reserved, from the backend's reported usage
         limits.finish,
+        # 2. the usage record, for every call that passed authentication
+        RecordUsage(usage),
     ])

@@ -84,8 +84,10 @@ class InferenceHandlers:
             await self._pipeline.admit(call)
         except BaseException as exc:  # noqa: BLE001 - every failure goes to rescue(); cancellation passes
             self._in_flight.leave()
-            self._pipeline.finish(call)
-            await _abort(context, call, exc)
+            try:
+                await _abort(context, call, exc)
+            finally:
+                self._pipeline.finish(call)  # after the status is known
         return call
 
     async def infer(self, raw: bytes, context: Context) -> bytes:
@@ -124,6 +126,7 @@ class InferenceHandlers:
 async def _abort(context: Context, call: Call, exc: BaseException) -> None:
     """Ends the RPC with the rescued status; always raises (grpc's abort exception)."""
     if isinstance(exc, asyncio.CancelledError):
+        call.status = "CANCELLED"
         raise exc
     rescued = errors.rescue(exc, call.request_id)
     call.status, call.reason = rescued.code.name, rescued.reason

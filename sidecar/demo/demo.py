@@ -20,6 +20,7 @@ from sidecar.config import Config, ConfigError, parse_config
 
 DEMO_API_KEY = "demo-key"  # a demo needs a known key; real configs hold digests of secret keys
 DEMO_ADMIN_TOKEN = "demo-admin"
+DEMO_USAGE_PATH = "./var/usage/demo-usage.jsonl"  # one JSON usage record per call
 DEMO_CONFIG = """\
 listen: {listen}
 admin_listen: {admin_listen}
@@ -37,6 +38,9 @@ limits:
 budgets:
   orgs:
     demo: {{tokens_per_day: 1000000}}
+usage:
+  sink: file
+  file: {{path: "{usage_path}"}}
 models:
   chat:
     timeout_ms: 30000
@@ -77,7 +81,7 @@ def demo_config(listen: str, admin_listen: str, ops_listen: str, backend_a: str,
     admin_digest = hashlib.sha256(DEMO_ADMIN_TOKEN.encode()).hexdigest()
     return parse_config(DEMO_CONFIG.format(listen=listen, admin_listen=admin_listen, ops_listen=ops_listen,
                                            backend_a=backend_a, backend_b=backend_b, demo_key_digest=digest,
-                                           demo_admin_digest=admin_digest))
+                                           demo_admin_digest=admin_digest, usage_path=DEMO_USAGE_PATH))
 
 
 def run_demo(listen: str, admin_listen: str, ops_listen: str) -> int:
@@ -134,6 +138,7 @@ sidecar demo is running
                                        1000000 tokens/day (memory store)
   admin (gRPC)       {sidecar.listeners.admin_listen}     admin token "{DEMO_ADMIN_TOKEN}"
   ops (HTTP)         http://{sidecar.listeners.ops_listen}/readyz   /healthz   /metrics
+  usage records      {Path(DEMO_USAGE_PATH).resolve()}
 
 Try, in another terminal:
   {exe} call --target {target} --api-key {DEMO_API_KEY} --model chat --input "hello sidecar"

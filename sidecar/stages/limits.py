@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
-from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferResponse
 
 from sidecar.call import Call
 from sidecar.config import Config, PerConfig, RateRule
@@ -147,7 +146,7 @@ class Limits:
         if reservation is None:
             return
         call.reservation = None
-        actual = _usage(call) if call.status == "OK" else None
+        actual = call.reported_usage() if call.status == "OK" else None
         if actual is None and call.relayed:
             return  # case 3: the estimate stands
         ask = reservation.ask
@@ -160,16 +159,6 @@ class Limits:
             for b, cost in zip(ask.budgets, ask.budget_costs, strict=True))
         if any(rate_deltas) or any(budget_deltas):
             self._store.settle(ask, rate_deltas, budget_deltas, degraded=reservation.degraded)
-
-
-def _usage(call: Call) -> tuple[int, int] | None:
-    """(input, output) tokens the backend reported in its last message, if it did."""
-    if call.last_message is None:
-        return None
-    message = (InferChunk if call.streamed else InferResponse).FromString(call.last_message)
-    if not message.HasField("usage"):
-        return None
-    return message.usage.input_tokens, message.usage.output_tokens
 
 
 def rate_limited(limit: str, retry_after: float) -> SidecarError:

@@ -43,3 +43,6 @@ BACKEND_EJECTIONS = Counter(
 BACKEND_HEALTHY = Gauge(
     "api_router_backend_healthy", "1 while a backend passes health checks and is not ejected, else 0.",
     ["model", "backend"])
+USAGE_RECORDS_PUBLISHED = Counter(
+    "api_router_usage_records_published", "Usage records handed to their sink for good (file: written).",
+    ["sink"])

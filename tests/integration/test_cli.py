@@ -46,7 +46,7 @@ def test_demo_runs_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     ports = [free_port() for _ in range(3)]
     listen = f"127.0.0.1:{ports[0]}"
     demo = ManagedProcess([*SIDECAR, "demo", "--listen", listen, "--admin-listen", f"127.0.0.1:{ports[1]}",
-                           "--ops-listen", f"127.0.0.1:{ports[2]}"], tmp_path / "demo.log")
+                           "--ops-listen", f"127.0.0.1:{ports[2]}"], tmp_path / "demo.log", cwd=tmp_path)
     try:
         wait_until(lambda: health_status(listen) == "SERVING", 30, what="demo readiness", proc=demo)
         ready = wait_until(lambda: next((line for line in demo.log_lines_json()
@@ -66,6 +66,10 @@ def test_demo_runs_answers_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert demo.stop(timeout=15, sig=signal.SIGINT) == 0
         assert "sidecar demo stopped" in demo.log_text()
         assert not [pid for pid in backend_pids if Path(f"/proc/{pid}").exists()]
+        # the demo keeps usage records in a local file: the two calls with the key, not the anonymous one
+        records = [json.loads(line) for line in (tmp_path / "var/usage/demo-usage.jsonl").read_text().splitlines()]
+        assert [(r["org"], r["status"], bool(r.get("streamed"))) for r in records] == [
+            ("demo", "OK", False), ("demo", "OK", True)]
     finally:
         demo.stop()
 

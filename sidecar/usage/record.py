@@ -1,0 +1,69 @@
+"""The usage record of one call: built once, when the call has ended, from what the `Call` knows.
+
+One `sidecar.usage.v1.UsageRecord` per call that passed authentication, denials included
+(CONTRACT §6). Tokens are the backend's reported `Usage`; when it sent none (a failure, a cut
+stream, a backend that does not count), the sidecar's own estimate is recorded and flagged
+`usage_estimated`, or zero for a call that never reached a backend. `overhead_ms` is the call's
+time minus the time its backend attempts took: what the sidecar itself cost.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sidecar_client.sidecar.usage.v1 import usage_pb2
+
+from sidecar.call import Call
+from sidecar.limits.budget import estimate_tokens
+
+SCHEMA = "sidecar.usage.v1.UsageRecord"
+
+
+def new_event_id(now: float | None = None) -> str:
+    """A UUIDv7: 48 bits of Unix milliseconds, then random bits; sortable by time, unique."""
+    millis = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)        # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)        # variant 10
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def trace_id(call: Call) -> str:
+    """The W3C trace id from the caller's `traceparent` (version-traceid-spanid-flags), or ""."""
+    for key, value in call.forward_metadata:
+        if key == "traceparent":
+            parts = value.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32:
+                return parts[1].lower()
+    return ""
+
+
+def build_record(call: Call, ended: float) -> usage_pb2.UsageRecord:
+    """`ended` is `time.perf_counter()` when the call ended."""
+    duration_ms = (ended - call.started) * 1000
+    backend_ms = sum(a.duration_ms for a in call.attempts)
+    reported = call.reported_usage() if call.status == "OK" else None
+    estimated = reported is None and bool(call.attempts)
+    if reported is not None:
+        input_tokens, output_tokens = reported
+    elif estimated and call.model is not None:
+        input_tokens, output_tokens = estimate_tokens(
+            call.request.input, call.request.input_bytes,
+            call.request.max_output_tokens or call.model.default_max_output_tokens)
+    else:
+        input_tokens = output_tokens = 0
+    started = Timestamp()
+    started.FromNanoseconds(int(call.started_wall * 1e9))
+    return usage_pb2.UsageRecord(
+        event_id=new_event_id(), request_id=call.request_id, trace_id=trace_id(call), org=call.org,
+        api_key_id=call.api_key_id, model=call.request.model,
+        backend=call.attempts[-1].backend if call.attempts else "",
+        status=call.status if call.status != "UNKNOWN" else "CANCELLED", reason=call.reason,
+        input_tokens=input_tokens, output_tokens=output_tokens, usage_estimated=estimated,
+        started_at=started, duration_ms=round(duration_ms, 3),
+        overhead_ms=round(max(0.0, duration_ms - backend_ms), 3),
+        attempts=[usage_pb2.Attempt(backend=a.backend, status=a.status, duration_ms=a.duration_ms)
+                  for a in call.attempts],
+        streamed=call.streamed, schema=SCHEMA)

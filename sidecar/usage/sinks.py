@@ -1,0 +1,114 @@
+"""Where usage records go (`usage.sink`): `none`, or `file` (JSON lines, rotated).
+
+A sink never makes a caller wait: `submit` queues the record and a named background task writes
+what has queued, in a worker thread, so file I/O stays off the event loop. Shutdown writes what
+is left. (Kafka with a write-ahead spool is the next sink; it plugs in behind the same three
+methods.)
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from google.protobuf import json_format
+from sidecar_client.sidecar.usage.v1 import usage_pb2
+
+from sidecar.tasks import Tasks
+from sidecar.telemetry.metrics import USAGE_RECORDS_PUBLISHED
+
+log = logging.getLogger("sidecar.usage")
+BATCH_SECONDS = 0.05  # records of this long are written together
+
+
+class UsageSink(Protocol):
+    name: str
+
+    def submit(self, record: usage_pb2.UsageRecord) -> None: ...
+
+    def component(self) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class NoSink:
+    """`usage.sink: none`: records are not kept (nothing is built for them)."""
+
+    name = "none"
+
+    def submit(self, record: usage_pb2.UsageRecord) -> None:
+        return None
+
+    def component(self) -> dict[str, Any]:
+        return {"status": "ok", "sink": self.name}
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FileSink:
+    """One JSON object per line (proto field names), in `path`; when it passes `max_bytes` it
+    becomes `path.1` (`path.1` becomes `path.2`, ... up to `backups`) and a new file starts."""
+
+    name = "file"
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._pending: list[usage_pb2.UsageRecord] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
+        self.written = 0
+
+    def submit(self, record: usage_pb2.UsageRecord) -> None:
+        self._pending.append(record)
+        if self._writer is None or self._writer.done():
+            self._writer = self._tasks.spawn(self._write_soon(), name="usage-file-writer")
+
+    async def _write_soon(self) -> None:
+        while self._pending:
+            await asyncio.sleep(BATCH_SECONDS)
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            await asyncio.to_thread(self._write, batch)
+
+    def _write(self, batch: list[usage_pb2.UsageRecord]) -> None:
+        lines = "".join(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True)) + "\n"
+                        for r in batch)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size + len(lines) > self._max_bytes:
+            self._rotate()
+        with self.path.open("a") as out:
+            out.write(lines)
+        self.written += len(batch)
+        USAGE_RECORDS_PUBLISHED.labels(self.name).inc(len(batch))
+
+    def _rotate(self) -> None:
+        for index in range(self._backups, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if index == self._backups:
+                older.unlink(missing_ok=True)
+            else:
+                newer = self.path.with_name(f"{self.path.name}.{index + 1}")
+                if older.exists():
+                    older.replace(newer)
+        if self._backups:
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+
+    def component(self) -> dict[str, Any]:
+        return {"status": "ok", "sink": self.name, "path": str(self.path), "written": self.written}
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose(timeout=1.0)
+        await self.flush()
+
+    def __repr__(self) -> str:
+        return f"<FileSink {self.path} written={self.written} pending={len(self._pending)}>"
