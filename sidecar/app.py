@@ -27,7 +27,7 @@ from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.limits.redis_store import RedisLimitStore
 from sidecar.limits.store import LimitStore
 from sidecar.ops.admin_auth import AdminAuth
-from sidecar.ops.admin_service import RoutingAdmin
+from sidecar.ops.admin_service import AuditService, RoutingAdmin
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
@@ -36,6 +36,7 @@ from sidecar.routing.health_checks import HealthChecker
 from sidecar.routing.router import Router
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
 from sidecar.tasks import Tasks
+from sidecar.usage.audit import AuditStore, MemoryAudit, RedisAudit
 from sidecar.usage.sinks import FileSink, NoSink, UsageSink
 
 log = logging.getLogger("sidecar.app")
@@ -76,7 +77,8 @@ class Sidecar:
         self.health.components_from["limits"] = self.limit_store.component
         self.usage = usage_sink(config)
         self.health.components_from["usage"] = self.usage.component
-        self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage)
+        self.audit = audit_store(config)
+        self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage, self.audit)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server(AdminAuth(lambda: self.config))
@@ -103,10 +105,12 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._admin)
         admin_pb2_grpc.add_RoutingAdminServicer_to_server(RoutingAdmin(self.router), self._admin)
+        admin_pb2_grpc.add_AuditServicer_to_server(AuditService(self.audit), self._admin)
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self._server)
-        admin_names = (admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name, names[1], reflection.SERVICE_NAME)
+        admin_names = (admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name,
+                       admin_pb2.DESCRIPTOR.services_by_name["Audit"].full_name, names[1], reflection.SERVICE_NAME)
         reflection.enable_server_reflection(admin_names, self._admin)
         self.listeners.listen = _bind(self._server, self.config.listen)
         self.listeners.admin_listen = _bind(self._admin, self.config.admin_listen)
@@ -144,6 +148,7 @@ class Sidecar:
             await self.router.overrides.redis.aclose()
         await self.limit_store.aclose()  # sends the settlements of the calls that just ended
         await self.usage.aclose()  # writes the records of the calls that just ended
+        await self.audit.aclose()
         await self._ops.aclose()
         await self.channels.aclose()
         log.info("stopped", extra={"clean": finished})
@@ -177,6 +182,16 @@ def usage_sink(config: Config) -> UsageSink:
         file = config.usage.file
         return FileSink(Path(file.path), file.max_bytes, file.backups)
     return NoSink()
+
+
+def audit_store(config: Config) -> AuditStore:
+    if config.audit.store == "redis":
+        assert config.limits.redis_url is not None  # validated
+        timeout = config.limits.redis_timeout_ms / 1000.0
+        redis = aioredis.Redis.from_url(config.limits.redis_url, socket_timeout=timeout,
+                                        socket_connect_timeout=timeout)
+        return RedisAudit(redis, config.audit.ttl_seconds)
+    return MemoryAudit(config.audit.max_records)
 
 
 def _bind(server: grpc.aio.Server, address: str) -> str:

@@ -54,6 +54,8 @@ class Call:
     reservation: Reservation | None = None  # tokens and budget charged ahead, settled at the end
     last_message: bytes | None = None  # the backend's response, or its last stream chunk so far
     relayed: bool = False            # a response message was handed to the caller
+    decisions: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, result, detail), for audit
+    routing_decision: str = ""       # primary | failover | override | affinity
     status: str = "UNKNOWN"          # gRPC code name once the call ended
     reason: str = ""
 
@@ -74,6 +76,10 @@ class Call:
     @property
     def streamed(self) -> bool:
         return self.method == "InferStream"
+
+    def decide(self, stage: str, result: str, detail: str = "") -> None:
+        """Notes one decision about the call (auth, rate_limit, budget, route) for its audit record."""
+        self.decisions.append((stage, result, detail))
 
     def reported_usage(self) -> tuple[int, int] | None:
         """(input, output) tokens the backend reported in its last message, if it did."""

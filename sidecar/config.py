@@ -20,6 +20,7 @@ from sidecar.config_sections import (
     Address,
     AdminTokenConfig,
     ApiKeyConfig,
+    AuditConfig,
     AuthConfig,
     BackendConfig,
     BudgetRule,
@@ -41,10 +42,31 @@ from sidecar.config_sections import (
 )
 
 __all__ = [
-    "AdminTokenConfig", "ApiKeyConfig", "AuthConfig", "BackendConfig", "BudgetRule", "BudgetsConfig", "Config",
-    "ConfigError", "HealthChecksConfig", "LimitRule", "LimitsConfig", "ModelConfig", "OrgLimitRule",
-    "OutlierDetectionConfig", "OverridesConfig", "PerConfig", "Price", "RateRule", "RetriesConfig",
-    "ShutdownConfig", "UsageConfig", "key_path", "load_config", "parse_config",
+    "AdminTokenConfig",
+    "ApiKeyConfig",
+    "AuditConfig",
+    "AuthConfig",
+    "BackendConfig",
+    "BudgetRule",
+    "BudgetsConfig",
+    "Config",
+    "ConfigError",
+    "HealthChecksConfig",
+    "LimitRule",
+    "LimitsConfig",
+    "ModelConfig",
+    "OrgLimitRule",
+    "OutlierDetectionConfig",
+    "OverridesConfig",
+    "PerConfig",
+    "Price",
+    "RateRule",
+    "RetriesConfig",
+    "ShutdownConfig",
+    "UsageConfig",
+    "key_path",
+    "load_config",
+    "parse_config",
 ]
 
 S = TypeVar("S")
@@ -75,6 +97,7 @@ class Config(Section):
     retries: RetriesConfig = RetriesConfig()
     overrides: OverridesConfig = OverridesConfig()
     usage: UsageConfig = UsageConfig()
+    audit: AuditConfig = AuditConfig()
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -175,6 +198,8 @@ def _cross_check(config: Config) -> list[str]:
         problems.append("limits.redis_url: required when limits.store is redis")
     if config.overrides.store == "redis" and not config.limits.redis_url:
         problems.append("overrides.store: redis needs limits.redis_url")
+    if config.audit.store == "redis" and not config.limits.redis_url:
+        problems.append("audit.store: redis needs limits.redis_url")
     problems += [f"limits.orgs.{org}.models.{model}: no such model in models"
                  for org, rule in config.limits.orgs.items() for model in rule.models if model not in config.models]
     problems += [f"budgets.orgs.{org}: no caller has this org (orgs: {known})"

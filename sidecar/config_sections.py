@@ -246,3 +246,11 @@ class UsageConfig(Section):
 
     sink: Literal["none", "file"] = "none"
     file: UsageFileConfig = UsageFileConfig()
+
+
+class AuditConfig(Section):
+    """Where each call's decision record is kept for `Audit.GetRequest`."""
+
+    store: Literal["memory", "redis"] = "memory"          # redis: limits.redis_url, any sidecar answers
+    max_records: int = Field(default=10_000, ge=1)         # memory: the oldest go beyond this
+    ttl_seconds: int = Field(default=86_400, ge=1)         # redis: records expire after this

@@ -17,6 +17,7 @@ from sidecar.stages.auth import Authenticate
 from sidecar.stages.limits import Limits
 from sidecar.stages.route import PickBackend, ResolveModel
 from sidecar.stages.usage import RecordUsage
+from sidecar.usage.audit import AuditStore
 from sidecar.usage.sinks import UsageSink
 
 Stage = Callable[[Call], Awaitable[None]]
@@ -41,7 +42,7 @@ class Pipeline:
 
 
 def build_pipeline(config: Callable[[], Config], router: Router, limit_store: LimitStore,
-                   usage: UsageSink) -> Pipeline:
+                   usage: UsageSink, audit: AuditStore) -> Pipeline:
     limits = Limits(config, limit_store)
     return Pipeline([
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
@@ -56,6 +57,6 @@ def build_pipeline(config: Callable[[], Config], router: Router, limit_store: Li
     ], finishers=[
         # 1. settle what limits reserved, from the backend's reported usage
         limits.finish,
-        # 2. the usage record, for every call that passed authentication
-        RecordUsage(usage),
+        # 2. the usage and audit records, for every call that passed authentication
+        RecordUsage(usage, audit),
     ])

@@ -1,4 +1,4 @@
-"""`sidecar.admin.v1.RoutingAdmin` on the admin listener: routes, health and overrides.
+"""`sidecar.admin.v1.RoutingAdmin` (routes, health, overrides) and `Audit` on the admin listener.
 
 Every call has passed `AdminAuth` (an admin token). Changes are written as audit log lines
 (`routing override set` / `cleared`, with the admin token id, what and why) and take effect at
@@ -22,6 +22,7 @@ from sidecar.ops.admin_auth import ADMIN_TOKEN_ID
 from sidecar.routing.endpoints import Endpoint
 from sidecar.routing.overrides import Override
 from sidecar.routing.router import Router
+from sidecar.usage.audit import AuditStore
 
 log = logging.getLogger("sidecar.admin")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -107,6 +108,24 @@ class RoutingAdmin(admin_pb2_grpc.RoutingAdminServicer):
                 "admin_token_id": ADMIN_TOKEN_ID.get(), "model": request.model, "backend": request.backend,
                 "cleared": cleared})
             return admin_pb2.ClearOverrideResponse(cleared=cleared)
+        return await _rescued(context, work)
+
+
+class AuditService(admin_pb2_grpc.AuditServicer):
+    """`Audit.GetRequest`: the decision record of a recent call, by its request id."""
+
+    def __init__(self, audit: AuditStore) -> None:
+        self._audit = audit
+
+    async def GetRequest(self, request: admin_pb2.GetRequestRequest, context: Context) -> admin_pb2.AuditRecord:
+        async def work() -> admin_pb2.AuditRecord:
+            if not request.request_id:
+                raise missing_field("request_id")
+            record = await self._audit.get(request.request_id)
+            if record is None:
+                raise SidecarError("REQUEST_NOT_FOUND", f"no record of request {request.request_id!r} (unknown, "
+                                   "not authenticated, or too old)", metadata={"request_id": request.request_id})
+            return record
         return await _rescued(context, work)
 
 

@@ -50,6 +50,7 @@ class Attempt:
     backend: str
     status: str        # gRPC code name, or CANCELLED when the caller went away
     duration_ms: float
+    address: str = ""
 
 
 class Router:
@@ -90,24 +91,21 @@ class Router:
         self._budget.record_call()
         pinned = self._pins.get(model)
         if pinned is not None and pinned.routable(now):
-            call.endpoint = pinned
-            _decision(pinned, "override")
+            _chosen(call, pinned, "override")
             return
         ring = self._rings.get(model)
         if ring is not None and call.request.session_id:
             sticky = self._sticky(ring, model, call.request.session_id, now)
             if sticky is not None:
-                call.endpoint = sticky
-                _decision(sticky, "affinity")
+                _chosen(call, sticky, "affinity")
                 return
         picked = self._balancer.pick(model, now)
         if picked is None:
             raise SidecarError("NO_BACKEND_AVAILABLE", f"no backend of model {model!r} can take the call",
                                metadata={"model": model})
         endpoint, tier = picked
-        call.endpoint = endpoint
-        _decision(endpoint, "override" if endpoint.override_weight is not None
-                  else "primary" if tier == 0 else "failover")
+        _chosen(call, endpoint, "override" if endpoint.override_weight is not None
+                else "primary" if tier == 0 else "failover")
 
     def _sticky(self, ring: HashRing, model: str, session_id: str, now: float) -> Endpoint | None:
         """The session's backend among the routable ones of the first tier that has any: the
@@ -128,8 +126,7 @@ class Router:
         picked = self._balancer.pick(call.request.model, self._clock(), exclude=tried)
         if picked is None or not self._budget.try_retry():
             return False
-        call.endpoint = picked[0]
-        _decision(picked[0], "failover")
+        _chosen(call, picked[0], "failover")
         return True
 
     # --- operator overrides --------------------------------------------------------------------
@@ -194,7 +191,7 @@ class Router:
         endpoint.in_flight -= 1
         seconds = time.perf_counter() - started
         name = code.name if code is not None else "CANCELLED"
-        call.attempts.append(Attempt(endpoint.name, name, round(seconds * 1000, 3)))
+        call.attempts.append(Attempt(endpoint.name, name, round(seconds * 1000, 3), endpoint.backend.config.address))
         _observe(endpoint, name, seconds)
         if code is None:
             return
@@ -255,6 +252,12 @@ def _later(seconds: float, callback: Callable[[], None]) -> None:
     except RuntimeError:
         return
     loop.call_later(seconds + 0.001, callback)
+
+
+def _chosen(call: Call, endpoint: Endpoint, decision: str) -> None:
+    call.endpoint, call.routing_decision = endpoint, decision
+    call.decide("route", decision, endpoint.name)
+    _decision(endpoint, decision)
 
 
 def _decision(endpoint: Endpoint, decision: str) -> None:

@@ -60,6 +60,7 @@ class Authenticate:
         auth = self._config().auth
         if auth is None:
             call.org = ANONYMOUS_ORG
+            call.decide("auth", "allow", "anonymous: no auth configured")
             return
         if call.api_key is None:
             raise SidecarError("UNAUTHORIZED", "missing credentials: send 'authorization: Bearer <key>' "
@@ -69,5 +70,7 @@ class Authenticate:
             raise SidecarError("INVALID_API_KEY", "the API key is not valid")
         call.org, call.api_key_id = principal.org, principal.key_id
         if not principal.may_call(call.request.model):
+            call.decide("auth", "deny", f"FORBIDDEN: {principal.key_id} may not call {call.request.model}")
             raise SidecarError("FORBIDDEN", f"this API key may not call model {call.request.model!r}",
                                metadata={"model": call.request.model, "api_key_id": principal.key_id})
+        call.decide("auth", "allow", principal.key_id)

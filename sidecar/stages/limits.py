@@ -123,12 +123,19 @@ class Limits:
         started = time.perf_counter()
         verdict = await self._store.admit(ask)
         self._decision_seconds.observe(time.perf_counter() - started)
+        if verdict.degraded:
+            call.decide("rate_limit", "degraded", "decided locally: the limit store is unavailable")
         for name in verdict.shadow_denied:
+            call.decide("rate_limit", "shadow_deny", name)
             RATE_LIMIT_SHADOW_DENIALS.labels(call.org, name).inc()
             log.info("shadow limit would deny", extra={"request_id": call.request_id, "limit": name,
                                                        "org": call.org, "api_key_id": call.api_key_id})
         if not verdict.allowed:
+            call.decide("budget" if verdict.over_budget else "rate_limit", "deny", verdict.denied_by)
             raise self._denied(call, ask, verdict)
+        call.decide("rate_limit", "allow", ", ".join(r.name for r in ask.rates))
+        if ask.budgets:
+            call.decide("budget", "allow", ", ".join(b.name for b in ask.budgets))
         if ask.budgets or any(r.tokens for r in ask.rates):
             call.reservation = Reservation(ask, verdict.degraded, verdict.charged)
 

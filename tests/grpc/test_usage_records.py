@@ -11,13 +11,16 @@ from typing import Any
 
 import grpc
 import pytest
+from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
+from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
 from tests.grpc.test_proxy import INFER, INFER_STREAM, params
 from tests.harness.procs import wait_until
 from tests.harness.sidecar import BackendProc, SidecarProc, sidecar_config, start_sidecar
 
 KEYS = {"app": "sk-usage-app", "slow": "sk-usage-slow", "poor": "sk-usage-poor", "narrow": "sk-usage-narrow"}
+ADMIN = "adm-audit-77"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
@@ -33,6 +36,7 @@ def recorded(backend: BackendProc, tmp_path_factory: pytest.TempPathFactory) -> 
         """) + f"""auth:
   api_keys:
 {keys}
+  admin_tokens: [{{id: auditor, sha256: "{hashlib.sha256(ADMIN.encode()).hexdigest()}"}}]
 limits:
   api_keys:
     slow: {{requests_per_minute: 1, burst: 1}}
@@ -141,3 +145,40 @@ def test_no_record_without_authentication_and_never_a_key(recorded: tuple[Sideca
     assert not any(key in text for key in [*KEYS.values(), "sk-nobody"])
     ids = [json.loads(line)["event_id"] for line in text.splitlines()]
     assert len(ids) == len(set(ids))
+
+
+def audit(sidecar: SidecarProc, request_id: str, token: str | None = ADMIN) -> admin_pb2.AuditRecord:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(sidecar.admin_listen) as channel:
+        record: admin_pb2.AuditRecord = admin_pb2_grpc.AuditStub(channel).GetRequest(
+            admin_pb2.GetRequestRequest(request_id=request_id), metadata=metadata, timeout=5)
+        return record
+
+
+def test_audit_returns_the_decisions_and_attempts_of_a_call(recorded: tuple[SidecarProc, Path],
+                                                           backend: BackendProc) -> None:
+    sidecar, _ = recorded
+    served, refused = rid("audited"), rid("audited-denied")
+    assert call(sidecar.listen, KEYS["app"], served) is None
+    record = audit(sidecar, served)
+    assert record.usage.request_id == served and record.usage.status == "OK" and record.routing_decision == "primary"
+    assert [(d.stage, d.result, d.detail) for d in record.decisions] == [
+        ("auth", "allow", "app"), ("route", "primary", "a")]
+    assert [(a.backend, a.address, a.status) for a in record.attempts] == [("a", backend.address, "OK")]
+    call(sidecar.listen, KEYS["slow"], rid("take"))
+    assert call(sidecar.listen, KEYS["slow"], refused) == "RESOURCE_EXHAUSTED"
+    denied = audit(sidecar, refused)
+    assert ("rate_limit", "deny", "key:slow:requests_per_minute") in [(d.stage, d.result, d.detail)
+                                                                      for d in denied.decisions]
+    assert denied.usage.reason == "RATE_LIMIT_EXCEEDED" and not denied.attempts
+
+
+def test_audit_of_an_unknown_request_and_without_a_token(recorded: tuple[SidecarProc, Path]) -> None:
+    sidecar, _ = recorded
+    with pytest.raises(grpc.RpcError) as failure:
+        audit(sidecar, "no-such-request")
+    detail = error_detail(failure.value)
+    assert (detail.code, detail.reason) == (grpc.StatusCode.NOT_FOUND, "REQUEST_NOT_FOUND")
+    with pytest.raises(grpc.RpcError) as failure:
+        audit(sidecar, "no-such-request", token=None)
+    assert error_detail(failure.value).reason == "UNAUTHORIZED"

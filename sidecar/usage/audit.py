@@ -1,0 +1,112 @@
+"""The audit store: each recent call's decision record, by request id, for `Audit.GetRequest`.
+
+Bounded: in memory (the default) the oldest records go once `max_records` are kept; in Redis
+(`audit.store: redis`, the limit store's Redis) records expire after `ttl_seconds`, and every
+sidecar sharing that Redis can answer for any of them. Writing to Redis is batched every 50 ms
+in the background: a caller never waits for its audit record.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from sidecar_client.sidecar.admin.v1 import admin_pb2
+from sidecar_client.sidecar.usage.v1 import usage_pb2
+
+from sidecar.call import Call
+from sidecar.errors import SidecarError
+from sidecar.tasks import Tasks
+
+log = logging.getLogger("sidecar.audit")
+BATCH_SECONDS = 0.05
+
+
+class AuditStore(Protocol):
+    def put(self, record: admin_pb2.AuditRecord) -> None: ...
+
+    async def get(self, request_id: str) -> admin_pb2.AuditRecord | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryAudit:
+    def __init__(self, max_records: int) -> None:
+        self._max = max_records
+        self._records: OrderedDict[str, admin_pb2.AuditRecord] = OrderedDict()
+
+    def put(self, record: admin_pb2.AuditRecord) -> None:
+        self._records[record.request_id] = record
+        self._records.move_to_end(record.request_id)
+        while len(self._records) > self._max:
+            self._records.popitem(last=False)
+
+    async def get(self, request_id: str) -> admin_pb2.AuditRecord | None:
+        return self._records.get(request_id)
+
+    async def aclose(self) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+class RedisAudit:
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._ttl = ttl_seconds
+        self._pending: list[admin_pb2.AuditRecord] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
+
+    def put(self, record: admin_pb2.AuditRecord) -> None:
+        self._pending.append(record)
+        if self._writer is None or self._writer.done():
+            self._writer = self._tasks.spawn(self._write_soon(), name="audit-writer")
+
+    async def _write_soon(self) -> None:
+        while self._pending:
+            await asyncio.sleep(BATCH_SECONDS)
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for record in batch:
+            pipe.set(_key(record.request_id), record.SerializeToString(), ex=self._ttl)
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            log.warning("audit records lost: Redis unavailable", extra={"records": len(batch), "error": str(exc)})
+
+    async def get(self, request_id: str) -> admin_pb2.AuditRecord | None:
+        try:
+            raw = await self._redis.get(_key(request_id))
+        except RedisError:
+            raise SidecarError("SERVICE_UNAVAILABLE", "the audit store (Redis) is unavailable") from None
+        if raw is None:
+            return None
+        return admin_pb2.AuditRecord.FromString(raw if isinstance(raw, bytes) else raw.encode("latin-1"))
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose(timeout=1.0)
+        await self.flush()
+        await self._redis.aclose()
+
+
+def _key(request_id: str) -> str:
+    return f"sidecar:audit:{request_id}"
+
+
+def audit_record(usage: usage_pb2.UsageRecord, call: Call) -> admin_pb2.AuditRecord:
+    """The audit record of an ended call: its usage record, decisions and attempts."""
+    return admin_pb2.AuditRecord(
+        request_id=call.request_id, usage=usage, routing_decision=call.routing_decision,
+        decisions=[admin_pb2.Decision(stage=s, result=r, detail=d) for s, r, d in call.decisions],
+        attempts=[admin_pb2.Attempt(backend=a.backend, address=a.address, status=a.status, duration_ms=a.duration_ms)
+                  for a in call.attempts])
