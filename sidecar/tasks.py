@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("sidecar.tasks")
+T = TypeVar("T")
 
 
 class Tasks:
@@ -42,3 +43,39 @@ class Tasks:
 
     def __repr__(self) -> str:
         return f"<Tasks {sorted(t.get_name() for t in self._tasks)}>"
+
+
+class Batcher(Generic[T]):
+    """Collects items and hands them to `write` in batches: a named task writes what has
+    gathered every `interval` seconds while anything waits, and `aclose` writes the rest.
+    For work a caller must never wait for (usage records, audit records)."""
+
+    def __init__(self, write: Callable[[list[T]], Awaitable[None]], interval: float, name: str) -> None:
+        self._write = write
+        self._interval = interval
+        self._name = name
+        self._pending: list[T] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
+
+    def add(self, item: T) -> None:
+        self._pending.append(item)
+        if self._writer is None or self._writer.done():
+            self._writer = self._tasks.spawn(self._write_soon(), name=self._name)
+
+    async def _write_soon(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            await self._write(batch)
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose(timeout=1.0)
+        await self.flush()
+
+    def __len__(self) -> int:
+        return len(self._pending)

@@ -7,7 +7,6 @@ in the background: a caller never waits for its audit record.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from typing import Protocol
@@ -19,7 +18,7 @@ from sidecar_client.sidecar.usage.v1 import usage_pb2
 
 from sidecar.call import Call
 from sidecar.errors import SidecarError
-from sidecar.tasks import Tasks
+from sidecar.tasks import Batcher
 
 log = logging.getLogger("sidecar.audit")
 BATCH_SECONDS = 0.05
@@ -58,24 +57,15 @@ class RedisAudit:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
         self._redis = redis
         self._ttl = ttl_seconds
-        self._pending: list[admin_pb2.AuditRecord] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._tasks = Tasks()
+        self._batches = Batcher(self._write, BATCH_SECONDS, name="audit-writer")
 
     def put(self, record: admin_pb2.AuditRecord) -> None:
-        self._pending.append(record)
-        if self._writer is None or self._writer.done():
-            self._writer = self._tasks.spawn(self._write_soon(), name="audit-writer")
-
-    async def _write_soon(self) -> None:
-        while self._pending:
-            await asyncio.sleep(BATCH_SECONDS)
-            await self.flush()
+        self._batches.add(record)
 
     async def flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
+        await self._batches.flush()
+
+    async def _write(self, batch: list[admin_pb2.AuditRecord]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for record in batch:
             pipe.set(_key(record.request_id), record.SerializeToString(), ex=self._ttl)
@@ -94,8 +84,7 @@ class RedisAudit:
         return admin_pb2.AuditRecord.FromString(raw if isinstance(raw, bytes) else raw.encode("latin-1"))
 
     async def aclose(self) -> None:
-        await self._tasks.aclose(timeout=1.0)
-        await self.flush()
+        await self._batches.aclose()
         await self._redis.aclose()
 
 

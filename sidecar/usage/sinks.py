@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
-from sidecar.tasks import Tasks
+from sidecar.tasks import Batcher
 from sidecar.telemetry.metrics import USAGE_RECORDS_PUBLISHED
 
 log = logging.getLogger("sidecar.usage")
@@ -58,25 +58,17 @@ class FileSink:
         self.path = path
         self._max_bytes = max_bytes
         self._backups = backups
-        self._pending: list[usage_pb2.UsageRecord] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._tasks = Tasks()
+        self._batches = Batcher(self._write_batch, BATCH_SECONDS, name="usage-file-writer")
         self.written = 0
 
     def submit(self, record: usage_pb2.UsageRecord) -> None:
-        self._pending.append(record)
-        if self._writer is None or self._writer.done():
-            self._writer = self._tasks.spawn(self._write_soon(), name="usage-file-writer")
-
-    async def _write_soon(self) -> None:
-        while self._pending:
-            await asyncio.sleep(BATCH_SECONDS)
-            await self.flush()
+        self._batches.add(record)
 
     async def flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            await asyncio.to_thread(self._write, batch)
+        await self._batches.flush()
+
+    async def _write_batch(self, batch: list[usage_pb2.UsageRecord]) -> None:
+        await asyncio.to_thread(self._write, batch)
 
     def _write(self, batch: list[usage_pb2.UsageRecord]) -> None:
         lines = "".join(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True)) + "\n"
@@ -107,8 +99,7 @@ class FileSink:
         return {"status": "ok", "sink": self.name, "path": str(self.path), "written": self.written}
 
     async def aclose(self) -> None:
-        await self._tasks.aclose(timeout=1.0)
-        await self.flush()
+        await self._batches.aclose()
 
     def __repr__(self) -> str:
-        return f"<FileSink {self.path} written={self.written} pending={len(self._pending)}>"
+        return f"<FileSink {self.path} written={self.written} pending={len(self._batches)}>"
