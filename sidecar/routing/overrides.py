@@ -58,6 +58,7 @@ class OverrideTable:
         self.path = path
         self.redis = redis
         self._items: dict[tuple[str, str], Override] = {}
+        self._unreadable = False  # logged once when reading starts failing, once when it works again
 
     def live(self, now: float) -> list[Override]:
         return [o for o in self._items.values() if o.live(now)]
@@ -68,9 +69,14 @@ class OverrideTable:
         try:
             items = await self._read()
         except (OSError, ValueError, KeyError, TypeError, RedisError) as exc:
-            log.error("cannot read routing overrides; keeping the ones known",
-                      extra={"store": self._where(), "error": str(exc)})
+            if not self._unreadable:
+                log.error("cannot read routing overrides; keeping the ones known",
+                          extra={"store": self._where(), "error": str(exc)})
+            self._unreadable = True
             return False
+        if self._unreadable:
+            log.warning("routing overrides readable again", extra={"store": self._where()})
+            self._unreadable = False
         fresh = {(o.model, o.backend): o for o in items if o.live(now)}
         changed = fresh != {k: o for k, o in self._items.items() if o.live(now)}
         self._items = fresh
