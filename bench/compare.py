@@ -1,6 +1,6 @@
 """Before/after: the sidecar's CPU per request at two git revisions, measured interleaved.
 
-    .venv/bin/python bench/compare.py --base issue3-done            # base revision vs the work tree
+    .venv/bin/python bench/compare.py --base HEAD~1                 # a revision vs the work tree
     .venv/bin/python bench/compare.py --base HEAD~3 --rounds 7 --limits memory
 
 The base revision is checked out into a temporary git worktree and run with the same virtualenv
