@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from accuracy_stack import (
     start_backends,
     start_sidecars,
 )
+from procs import cancel_on_sigterm
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -212,9 +212,7 @@ async def accuracy(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
 
 async def accuracy_and_stop(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     """accuracy(), then stops every process; SIGTERM cancels it like Ctrl-C (cleanup still runs)."""
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     try:
         return await accuracy(args, stack)
     finally:

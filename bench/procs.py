@@ -137,3 +137,10 @@ def loaded_event_loop(pid: int) -> str:
     except OSError:
         return "asyncio"
     return "uvloop" if "/uvloop/" in maps else "asyncio"
+
+
+def cancel_on_sigterm() -> None:
+    """Makes SIGTERM cancel the running task like Ctrl-C does, so its cleanup (`finally`) runs."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)

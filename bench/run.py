@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import yaml
 from counts import backend_outcomes, delta, scrape_handled
 from latency import API_KEY, METADATA, Summary, Target, request_bytes, rotated, stream_batch, unary_batch
 from load import LoadResult, grpc_frame, h2load_path, run_h2load, run_pyload
-from procs import Proc, cpu_seconds, loaded_event_loop, loopback, start, stop, wait_serving
+from procs import Proc, cancel_on_sigterm, cpu_seconds, loaded_event_loop, loopback, start, stop, wait_serving
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "latest.json"
@@ -520,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def bench_and_close(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     """bench(), then closes channels and stops processes; SIGTERM cancels it (cleanup still runs)."""
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     try:
         return await bench(args, stack)
     finally:

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
-from sidecar_client import error_detail
-from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
 from tests.grpc.test_limits import metric
-from tests.grpc.test_proxy import INFER
+from tests.harness.load import Load
 from tests.harness.procs import ManagedProcess, wait_until
 from tests.harness.servers import start_valkey
 from tests.harness.sidecar import BackendProc, SidecarProc, sidecar_config, start_sidecar
@@ -45,30 +39,6 @@ limits:
   orgs:
     acme: {{requests_per_minute: {RATE}, burst: {BURST}}}
 """
-
-
-@dataclass
-class Load:
-    """Calls the sidecar back to back from a thread; outcomes are counted per phase."""
-
-    target: str
-    phase: str = "before"
-    outcomes: dict[str, Counter[str]] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        request = InferRequest(model="chat", input="hi").SerializeToString()
-        with grpc.insecure_channel(self.target) as channel:
-            infer = channel.unary_unary(INFER)
-            while not self.stop.is_set():
-                phase = self.phase
-                try:
-                    infer(request, metadata=(("x-api-key", KEY),), timeout=5)
-                    outcome = "OK"
-                except grpc.RpcError as error:
-                    outcome = error_detail(error).reason or str(error.code())
-                self.outcomes.setdefault(phase, Counter())[outcome] += 1
-                time.sleep(0.002)
 
 
 def limits_component(sidecar: SidecarProc) -> dict[str, str]:
@@ -99,11 +69,10 @@ def test_killing_valkey_under_load(backend: BackendProc, valkey: list[ManagedPro
     assert isinstance(proc, ManagedProcess) and isinstance(url, str)
     allow = start_sidecar(tmp_path, outage_config(backend.address, url, "allow"), name="allow")
     deny = start_sidecar(tmp_path, outage_config(backend.address, url, "deny"), name="deny")
-    loads = {"allow": Load(allow.listen), "deny": Load(deny.listen)}
-    threads = [threading.Thread(target=load.run, daemon=True) for load in loads.values()]
+    metadata = (("x-api-key", KEY),)
+    loads = {name: Load(sidecar.listen, metadata, pause=0.002).start()
+             for name, sidecar in (("allow", allow), ("deny", deny))}
     try:
-        for thread in threads:
-            thread.start()
         time.sleep(1.0)
         degraded_before = metric(allow, "api_router_limit_degraded_decisions_total", {})
 
@@ -130,9 +99,7 @@ def test_killing_valkey_under_load(backend: BackendProc, valkey: list[ManagedPro
         time.sleep(1.0)
     finally:
         for load in loads.values():
-            load.stop.set()
-        for thread in threads:
-            thread.join(10)
+            load.finish()
 
     allowed, denied = loads["allow"].outcomes, loads["deny"].outcomes
     # before: shared limits, nothing degraded

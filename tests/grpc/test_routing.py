@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -19,6 +17,7 @@ from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import Launcher
 from tests.grpc.test_limits import metric
 from tests.grpc.test_proxy import INFER, INFER_STREAM, params
+from tests.harness.load import Load
 from tests.harness.procs import wait_until
 from tests.harness.sidecar import BackendProc, SidecarProc, health_status, sidecar_config
 
@@ -91,31 +90,10 @@ def test_failover_tier_takes_over_when_the_primary_dies_and_hands_back(launch: L
     assert calls_on(spare) == before[0] and calls_on(revived) == before[1] + 10
 
 
-@dataclass
-class Load:
-    target: str
-    outcomes: Counter[str] = field(default_factory=Counter)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        request = InferRequest(model="chat", input="hi").SerializeToString()
-        with grpc.insecure_channel(self.target) as channel:
-            call = channel.unary_unary(INFER)
-            while not self.stop.is_set():
-                try:
-                    call(request, timeout=5)
-                    self.outcomes["OK"] += 1
-                except grpc.RpcError as error:
-                    self.outcomes[error_detail(error).reason or error.code().name] += 1
-
-
 def test_a_backend_killed_under_load_costs_no_call(launch: Launcher) -> None:
     a, b = launch.backend(), launch.backend()
     sidecar = launch.sidecar(routed([("a", a, 1, 0), ("b", b, 1, 0)]))
-    loads = [Load(sidecar.listen) for _ in range(4)]
-    threads = [threading.Thread(target=load.run, daemon=True) for load in loads]
-    for thread in threads:
-        thread.start()
+    loads = [Load(sidecar.listen).start() for _ in range(4)]
     try:
         time.sleep(0.5)
         port = int(a.address.rsplit(":", 1)[1])
@@ -132,10 +110,8 @@ def test_a_backend_killed_under_load_costs_no_call(launch: Launcher) -> None:
         back = time.monotonic() - restarted
     finally:
         for load in loads:
-            load.stop.set()
-        for thread in threads:
-            thread.join(10)
-    outcomes = sum((load.outcomes for load in loads), Counter[str]())
+            load.finish()
+    outcomes = sum((load.total() for load in loads), Counter[str]())
     assert set(outcomes) == {"OK"} and outcomes["OK"] > 100, outcomes
     assert marked_down < 2.0 and back < 5.0, (marked_down, back)
     print(f"\nkilled backend: {outcomes['OK']} calls, no error; down after {marked_down * 1000:.0f} ms, "

@@ -1,0 +1,56 @@
+"""Steady load for chaos tests: one thread calling `Infer` back to back, counting outcomes.
+
+Outcomes are counted per `phase` (the test moves it: "before", "outage", "after", ...), as
+"OK" or the error's catalog reason, so a test can assert what callers saw in each phase.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+from sidecar_client import error_detail
+from sidecar_client.inference.v1.inference_pb2 import InferRequest
+
+INFER = "/inference.v1.Inference/Infer"
+
+
+@dataclass
+class Load:
+    target: str
+    metadata: tuple[tuple[str, str], ...] = ()
+    pause: float = 0.0             # seconds between calls
+    phase: str = "before"
+    outcomes: dict[str, Counter[str]] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> Load:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+
+    def total(self) -> Counter[str]:
+        return sum(self.outcomes.values(), Counter[str]())
+
+    def _run(self) -> None:
+        request = InferRequest(model="chat", input="hi").SerializeToString()
+        with grpc.insecure_channel(self.target) as channel:
+            infer = channel.unary_unary(INFER)
+            while not self.stop.is_set():
+                phase = self.phase
+                try:
+                    infer(request, metadata=self.metadata, timeout=5)
+                    outcome = "OK"
+                except grpc.RpcError as error:
+                    outcome = error_detail(error).reason or error.code().name
+                self.outcomes.setdefault(phase, Counter())[outcome] += 1
+                if self.pause:
+                    time.sleep(self.pause)
