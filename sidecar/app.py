@@ -3,7 +3,9 @@
 Shutdown order (SIGTERM/SIGINT): readiness NOT_SERVING at once (Watch streams see it) -> new
 inference calls refused -> in-flight calls get `shutdown.grace_ms` to finish -> servers stop
 (cancelling what is left, health watches included) -> the last settlements of limits and
-budgets finish -> the limit store, ops listener and backend channels close.
+budgets finish -> usage records: Kafka gets a few seconds for what it has not acknowledged
+(what is left stays in the spool for the next start) -> the limit store, ops listener and
+backend channels close.
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ from sidecar.routing.router import Router
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
 from sidecar.tasks import Tasks
 from sidecar.usage.audit import AuditStore, MemoryAudit, RedisAudit
+from sidecar.usage.dlq import DeadLetters
+from sidecar.usage.kafka_sink import KafkaSink
 from sidecar.usage.sinks import FileSink, NoSink, UsageSink
+from sidecar.usage.spool import open_spool
 
 log = logging.getLogger("sidecar.app")
 
@@ -77,6 +82,9 @@ class Sidecar:
         self.health.components_from["limits"] = self.limit_store.component
         self.usage = usage_sink(config)
         self.health.components_from["usage"] = self.usage.component
+        self.health.ready_checks.append(lambda: not self.usage.refusing())
+        if isinstance(self.usage, KafkaSink):
+            self.usage.spool.on_change = self._routes_changed
         self.audit = audit_store(config)
         self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage, self.audit)
         self.listeners = Listeners()
@@ -91,7 +99,8 @@ class Sidecar:
             await self.router.sync_overrides()
 
     def _routes_changed(self) -> None:
-        """A backend became (un)healthy or was ejected: readiness may have changed."""
+        """A backend became (un)healthy or was ejected, or the usage spool filled up or has room
+        again: readiness may have changed."""
         self.tasks.spawn(self.health.publish(), name="readiness")
 
     def _grpc_server(self, *interceptors: grpc.aio.ServerInterceptor) -> grpc.aio.Server:
@@ -100,6 +109,7 @@ class Sidecar:
         return grpc.aio.server(options=options, interceptors=interceptors)
 
     async def start(self) -> None:
+        await self.usage.start()  # replays what an earlier run left in the spool
         handlers = InferenceHandlers(self.pipeline, self.in_flight, self.router)
         self._server.add_registered_method_handlers(SERVICE, handlers.method_handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._server)
@@ -178,6 +188,15 @@ def limit_store(config: Config) -> LimitStore:
 
 
 def usage_sink(config: Config) -> UsageSink:
+    """The sink `usage.sink` names; kafka locks and recovers its spool here (raises
+    `SpoolLocked` when another process owns it)."""
+    usage = config.usage
+    if usage.sink == "kafka":
+        directory = Path(usage.spool_dir)
+        spool = open_spool(directory, durability=usage.durability, fsync_interval=usage.fsync_interval_ms / 1000.0,
+                           max_bytes=usage.max_spool_bytes, on_full=usage.on_spool_full,
+                           segment_bytes=usage.segment_bytes)
+        return KafkaSink(usage, spool, DeadLetters(directory / "dlq"))
     if config.usage.sink == "file":
         file = config.usage.file
         return FileSink(Path(file.path), file.max_bytes, file.backups)

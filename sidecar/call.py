@@ -56,6 +56,7 @@ class Call:
     relayed: bool = False            # a response message was handed to the caller
     decisions: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, result, detail), for audit
     routing_decision: str = ""       # primary | failover | override | affinity
+    keep_usage_record: bool = True   # False: refused because the usage spool had no room for it
     status: str = "UNKNOWN"          # gRPC code name once the call ended
     reason: str = ""
 

@@ -39,6 +39,7 @@ from sidecar.config_sections import (
     Section,
     ShutdownConfig,
     UsageConfig,
+    UsageKafkaConfig,
 )
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "RetriesConfig",
     "ShutdownConfig",
     "UsageConfig",
+    "UsageKafkaConfig",
     "key_path",
     "load_config",
     "parse_config",

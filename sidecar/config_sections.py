@@ -241,11 +241,50 @@ class UsageFileConfig(Section):
     backups: int = Field(default=5, ge=0)                     # rotated files kept
 
 
-class UsageConfig(Section):
-    """Where usage records go; `kafka` (with the write-ahead spool) comes with its own version."""
+# librdkafka properties the sidecar sets itself: delivery guarantees depend on them
+KAFKA_OWNED_PROPERTIES = frozenset({
+    "bootstrap.servers", "enable.idempotence", "acks", "request.required.acks", "compression.type",
+    "compression.codec", "linger.ms", "queue.buffering.max.ms", "message.timeout.ms", "delivery.timeout.ms",
+    "message.max.bytes", "statistics.interval.ms", "transactional.id", "max.in.flight.requests.per.connection",
+    "max.in.flight", "retries", "message.send.max.retries", "error_cb", "stats_cb", "logger"})
 
-    sink: Literal["none", "file"] = "none"
+
+class UsageKafkaConfig(Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = Field(default="inference.usage", min_length=1)
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    linger_ms: int = Field(default=5, ge=0)                 # records of this long share a produce request
+    delivery_timeout_ms: int = Field(default=30_000, gt=0)  # unacknowledged this long -> back to the spool
+    # the topic's max.message.bytes: a bigger record cannot be written and goes to the DLQ
+    max_message_bytes: int = Field(default=1_048_588, gt=0)
+    replay_backoff_ms: int = Field(default=500, gt=0)       # first wait before a replay; doubles to 30 s
+    client_id: str = "inference-sidecar"
+    # more librdkafka properties, e.g. security.protocol, sasl.mechanism, ssl.ca.location
+    properties: dict[str, str | int | float | bool] = {}
+
+    @model_validator(mode="after")
+    def _no_owned_properties(self) -> UsageKafkaConfig:
+        owned = sorted(set(self.properties) & KAFKA_OWNED_PROPERTIES)
+        if owned:
+            raise ValueError(f"properties: {', '.join(owned)} cannot be set here: the sidecar sets "
+                             "them for its delivery guarantee (use the usage.kafka keys)")
+        return self
+
+
+class UsageConfig(Section):
+    """Where usage records go: `kafka` through the write-ahead spool, a `file`, or `none`."""
+
+    sink: Literal["none", "file", "kafka"] = "none"
     file: UsageFileConfig = UsageFileConfig()
+    kafka: UsageKafkaConfig = UsageKafkaConfig()
+    spool_dir: str = "./var/spool"                    # kafka: the write-ahead spool and the DLQ
+    # interval: fsync every fsync_interval_ms; strict: a call's response waits for its record's fsync
+    durability: Literal["interval", "strict"] = "interval"
+    fsync_interval_ms: int = Field(default=20, gt=0)
+    max_spool_bytes: int = Field(default=1024 * 1024 * 1024, ge=64 * 1024)
+    # reject: calls fail UNAVAILABLE while the spool is full; drop_oldest: the oldest segment goes (counted)
+    on_spool_full: Literal["reject", "drop_oldest"] = "reject"
+    segment_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
 
 
 class AuditConfig(Section):

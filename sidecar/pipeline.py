@@ -3,7 +3,8 @@
 Each stage is an `async def __call__(call)` that fills in the `Call` or raises a `SidecarError`.
 The proxy itself (unary or stream) runs after the last stage, in `server.py`. Finishers run
 once when the call has ended, however it ended (refused, failed, cancelled or served); they
-must not block: what needs I/O is queued (the limit store batches settlements).
+must not block: what needs I/O is queued (the limit store batches settlements). A finisher may
+return an awaitable the response must wait for (strict usage durability); `finish` returns it.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from sidecar.routing.router import Router
 from sidecar.stages.auth import Authenticate
 from sidecar.stages.limits import Limits
 from sidecar.stages.route import PickBackend, ResolveModel
-from sidecar.stages.usage import RecordUsage
+from sidecar.stages.usage import RecordUsage, UsageCapacity
 from sidecar.usage.audit import AuditStore
 from sidecar.usage.sinks import UsageSink
 
 Stage = Callable[[Call], Awaitable[None]]
-Finisher = Callable[[Call], None]
+Finisher = Callable[[Call], Awaitable[None] | None]
 
 
 class Pipeline:
@@ -33,9 +34,11 @@ class Pipeline:
         for stage in self.stages:
             await stage(call)
 
-    def finish(self, call: Call) -> None:
+    def finish(self, call: Call) -> Awaitable[None] | None:
+        wait = None
         for finisher in self.finishers:
-            finisher(call)
+            wait = finisher(call) or wait
+        return wait
 
     def __repr__(self) -> str:
         return f"<Pipeline {' -> '.join(type(s).__name__ for s in self.stages)}>"
@@ -47,12 +50,15 @@ def build_pipeline(config: Callable[[], Config], router: Router, limit_store: Li
     return Pipeline([
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
         Authenticate(config),
-        # 2. resolve the model: an unknown model costs no limit, and limits need its settings.
+        # 2. refuse while usage records cannot be kept (spool full): an unbilled call must not
+        # run, and a refused one should cost nothing further.
+        UsageCapacity(usage),
+        # 3. resolve the model: an unknown model costs no limit, and limits need its settings.
         ResolveModel(config),
-        # 3. rate limits and budgets, in one store round trip: they need the org, key id and
+        # 4. rate limits and budgets, in one store round trip: they need the org, key id and
         # model, and a refused call must not reach a backend.
         limits,
-        # 4. pick a backend last: taking one is only worth it for a call every stage admitted.
+        # 5. pick a backend last: taking one is only worth it for a call every stage admitted.
         PickBackend(router),
     ], finishers=[
         # 1. settle what limits reserved, from the backend's reported usage

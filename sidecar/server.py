@@ -87,7 +87,7 @@ class InferenceHandlers:
             try:
                 await _abort(context, call, exc)
             finally:
-                self._pipeline.finish(call)  # after the status is known
+                await _finished(self._pipeline, call)  # after the status is known
         return call
 
     async def infer(self, raw: bytes, context: Context) -> bytes:
@@ -106,7 +106,7 @@ class InferenceHandlers:
             if attempt is not None:
                 attempt.end(call, self._router, None)  # a no-op unless the caller left before the answer
             self._in_flight.leave()
-            self._pipeline.finish(call)
+            await _finished(self._pipeline, call)
 
     async def infer_stream(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         call = await self._admit("InferStream", raw, context)
@@ -120,7 +120,15 @@ class InferenceHandlers:
             await _abort(context, call, exc)
         finally:
             self._in_flight.leave()
-            self._pipeline.finish(call)
+            await _finished(self._pipeline, call)
+
+
+async def _finished(pipeline: Pipeline, call: Call) -> None:
+    """Runs the finishers; under strict usage durability, waits until the record is on disk
+    (the response, or the error status, goes out only after this)."""
+    wait = pipeline.finish(call)
+    if wait is not None:
+        await asyncio.shield(wait)
 
 
 async def _abort(context: Context, call: Call, exc: BaseException) -> None:

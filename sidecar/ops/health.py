@@ -31,6 +31,8 @@ class Health:
         self.components_from: dict[str, Callable[[], dict[str, Any]]] = {}
         # besides started and not draining, readiness needs this (some model has a healthy backend)
         self.backends_ok: Callable[[], bool] = lambda: True
+        # more conditions readiness needs (e.g. the usage spool can take records)
+        self.ready_checks: list[Callable[[], bool]] = []
 
     def servicer(self) -> HealthServicer:
         """A servicer for one gRPC server; every servicer follows the same state."""
@@ -40,7 +42,8 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining and self.backends_ok()
+        return (self.started and not self.draining and self.backends_ok()
+                and all(check() for check in self.ready_checks))
 
     async def publish(self) -> None:
         """Pushes the current state to every servicer (and so to every Watch stream)."""

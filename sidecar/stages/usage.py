@@ -1,19 +1,42 @@
-"""RecordUsage: the finisher that turns every authenticated call into a usage record and an
-audit record.
+"""Usage: the stage that refuses calls whose usage record could not be kept, and the finisher
+that turns every authenticated call into a usage record and an audit record.
 
-Runs once per call when it has ended (served, failed, refused by limits or budgets, cancelled);
-calls that never passed authentication have no org and get neither (CONTRACT §6). The usage
+`UsageCapacity` runs right after authentication: while the spool is full (`on_spool_full:
+reject`) or the disk refuses writes, a call fails UNAVAILABLE/`SERVICE_UNAVAILABLE` before it
+costs a limit or reaches a backend: no unbilled traffic. Such a refused call is not billable,
+and its record is not spooled either (the spool has no room): it is counted as dropped.
+
+`RecordUsage` runs once per call when it has ended (served, failed, refused, cancelled); calls
+that never passed authentication have no org and get neither record (CONTRACT §6). The usage
 record goes to the sink, and inside the call's audit record (decisions, attempts) to the
-audit store that `Audit.GetRequest` reads.
+audit store that `Audit.GetRequest` reads. Under strict durability it returns the sink's
+"on disk" awaitable, which the server awaits before the response completes.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 from sidecar.call import Call
+from sidecar.errors import SidecarError
+from sidecar.telemetry.metrics import USAGE_RECORDS_DROPPED
 from sidecar.usage.audit import AuditStore, audit_record
 from sidecar.usage.record import build_record
 from sidecar.usage.sinks import UsageSink
+
+REFUSED_REASON = "usage spool is full"
+
+
+class UsageCapacity:
+    def __init__(self, sink: UsageSink) -> None:
+        self._sink = sink
+
+    async def __call__(self, call: Call) -> None:
+        if self._sink.refusing():
+            call.keep_usage_record = False
+            call.decide("usage", "refused", REFUSED_REASON)
+            raise SidecarError("SERVICE_UNAVAILABLE", "usage records cannot be kept right now (the usage spool is "
+                               "full or not writable); retry later")
 
 
 class RecordUsage:
@@ -21,9 +44,12 @@ class RecordUsage:
         self._sink = sink
         self._audit = audit
 
-    def __call__(self, call: Call) -> None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
         if not call.org:
-            return
+            return None
         record = build_record(call, time.perf_counter())
-        self._sink.submit(record)
         self._audit.put(audit_record(record, call))
+        if not call.keep_usage_record:
+            USAGE_RECORDS_DROPPED.labels("refused_call").inc()
+            return None
+        return self._sink.submit(record)

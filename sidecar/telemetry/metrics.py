@@ -46,3 +46,35 @@ BACKEND_HEALTHY = Gauge(
 USAGE_RECORDS_PUBLISHED = Counter(
     "api_router_usage_records_published", "Usage records handed to their sink for good (file: written).",
     ["sink"])
+USAGE_PUBLISH_SECONDS = Histogram(
+    "api_router_usage_records_publish_duration_seconds",
+    "From handing a usage record to its sink to the sink having it for good (kafka: the broker's ack; "
+    "file: the write).", ["sink"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+USAGE_RECORDS_BUFFERED = Counter(
+    "api_router_usage_records_buffered", "Usage records appended to the write-ahead spool.")
+USAGE_RECORDS_DROPPED = Counter(
+    "api_router_usage_records_dropped", "Usage records lost on purpose: spool_full (on_spool_full: "
+    "drop_oldest), refused_call (calls refused because the spool was full; they were not billable).",
+    ["reason"])
+USAGE_DEAD_LETTERED = Counter(
+    "api_router_usage_records_dead_lettered", "Usage records Kafka rejected for good, moved to the DLQ.",
+    ["reason"])
+USAGE_DLQ_RECORDS = Gauge(
+    "api_router_usage_dlq_records", "Usage records in the dead-letter store that are not resolved yet.")
+BUFFER_STORE_SIZE = Gauge(
+    "api_router_buffer_store_size", "Usage records in the spool that Kafka has not acknowledged yet.")
+BUFFER_STORE_BYTES = Gauge(
+    "api_router_buffer_store_bytes", "Bytes of the usage spool's segments.")
+BUFFER_STORE_RETRIES = Counter(
+    "api_router_buffer_store_retries", "Usage records sent to Kafka again from the spool (replays).")
+BUFFER_STORE_AGE = Gauge(
+    "api_router_buffer_store_age_seconds", "Age of the oldest usage record Kafka has not acknowledged (0 if none).")
+SPOOL_TORN_TAILS = Counter(
+    "api_router_buffer_store_torn_tails", "Spool segments whose torn tail was truncated at start.")
+SPOOL_TORN_BYTES = Counter(
+    "api_router_buffer_store_torn_bytes", "Bytes cut from torn spool tails at start.")
+KAFKA_PRODUCER_REBUILDS = Counter(
+    "api_router_usage_producer_rebuilds", "Kafka producers replaced after a fatal or stuck state.", ["cause"])
+KAFKA_UP = Gauge(
+    "api_router_usage_kafka_up", "1 while the usage producer has a connection to a Kafka broker, else 0.")

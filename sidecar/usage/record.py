@@ -67,3 +67,12 @@ def build_record(call: Call, ended: float) -> usage_pb2.UsageRecord:
         attempts=[usage_pb2.Attempt(backend=a.backend, status=a.status, duration_ms=a.duration_ms)
                   for a in call.attempts],
         streamed=call.streamed, schema=SCHEMA)
+
+
+def started_seconds(payload: bytes) -> float:
+    """The `started_at` of a serialized record, in Unix seconds (0.0 when it cannot be read)."""
+    try:
+        record = usage_pb2.UsageRecord.FromString(payload)
+    except Exception:  # noqa: BLE001 - a payload that does not parse is still spooled and sent
+        return 0.0
+    return record.started_at.seconds + record.started_at.nanos / 1e9

@@ -1,15 +1,18 @@
-"""Where usage records go (`usage.sink`): `none`, or `file` (JSON lines, rotated).
+"""Where usage records go (`usage.sink`): `none`, `file` (JSON lines, rotated), or `kafka`
+(kafka_sink.py: the write-ahead spool, then Kafka).
 
-A sink never makes a caller wait: `submit` queues the record and a named background task writes
-what has queued, in a worker thread, so file I/O stays off the event loop. Shutdown writes what
-is left. (Kafka with a write-ahead spool is the next sink; it plugs in behind the same three
-methods.)
+`submit` never does I/O on the caller's path: the record is queued and a named background task
+writes it, in a worker thread. It returns an awaitable only under `usage.durability: strict`
+(the call's response waits for its record to be on disk). `refusing()` is true while new calls
+must be refused because their records could not be kept. Shutdown writes what is left.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +20,7 @@ from google.protobuf import json_format
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
 from sidecar.tasks import Batcher
-from sidecar.telemetry.metrics import USAGE_RECORDS_PUBLISHED
+from sidecar.telemetry.metrics import USAGE_PUBLISH_SECONDS, USAGE_RECORDS_PUBLISHED
 
 log = logging.getLogger("sidecar.usage")
 BATCH_SECONDS = 0.05  # records of this long are written together
@@ -26,7 +29,11 @@ BATCH_SECONDS = 0.05  # records of this long are written together
 class UsageSink(Protocol):
     name: str
 
-    def submit(self, record: usage_pb2.UsageRecord) -> None: ...
+    async def start(self) -> None: ...
+
+    def submit(self, record: usage_pb2.UsageRecord) -> Awaitable[None] | None: ...
+
+    def refusing(self) -> bool: ...
 
     def component(self) -> dict[str, Any]: ...
 
@@ -37,6 +44,12 @@ class NoSink:
     """`usage.sink: none`: records are not kept (nothing is built for them)."""
 
     name = "none"
+
+    async def start(self) -> None:
+        return None
+
+    def refusing(self) -> bool:
+        return False
 
     def submit(self, record: usage_pb2.UsageRecord) -> None:
         return None
@@ -61,6 +74,12 @@ class FileSink:
         self._batches = Batcher(self._write_batch, BATCH_SECONDS, name="usage-file-writer")
         self.written = 0
 
+    async def start(self) -> None:
+        return None
+
+    def refusing(self) -> bool:
+        return False
+
     def submit(self, record: usage_pb2.UsageRecord) -> None:
         self._batches.add(record)
 
@@ -68,7 +87,9 @@ class FileSink:
         await self._batches.flush()
 
     async def _write_batch(self, batch: list[usage_pb2.UsageRecord]) -> None:
+        started = time.perf_counter()
         await asyncio.to_thread(self._write, batch)
+        USAGE_PUBLISH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
 
     def _write(self, batch: list[usage_pb2.UsageRecord]) -> None:
         lines = "".join(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True)) + "\n"

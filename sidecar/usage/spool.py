@@ -1,0 +1,617 @@
+"""The write-ahead spool: every usage record is on disk here before Kafka is trusted with it,
+and stays until Kafka acknowledges it (or it is handed to the dead-letter store).
+
+Layout of `usage.spool_dir`:
+
+    LOCK                        held (flock) by the process that owns the spool; holds its pid
+    checkpoint                  {"acked_below": N}: every record with a lower sequence is settled
+    00000000000000000000.seg    segments, named by the sequence of their first record
+    dlq/                        the dead-letter store (dlq.py)
+
+A segment is a 16-byte header (magic, first sequence) followed by frames: u32 length, u32
+CRC-32 of the payload, payload (one serialized `UsageRecord`); record n of a segment has sequence
+first + n. A crash can leave a torn last frame: `open_spool` truncates every segment at its last
+whole frame, and counts and reports what it cut.
+
+Each record is WAITING (on disk, Kafka has not got it), IN_FLIGHT (the producer has it) or DONE
+(acknowledged, or dead-lettered). A segment file is deleted once it is sealed and all of its
+records are DONE; the checkpoint keeps restarts from resending acknowledged records of the
+segments that remain (a few may be sent twice: consumers dedupe on `event_id`).
+
+Durability: the writer task appends and fsyncs what has gathered, in a worker thread, every
+`fsync_interval` seconds (`interval`) or as soon as anything waits (`strict`: the records
+that arrive during one fsync share the next one, a group commit). `durable()` is the future of
+the batch a record will be written in.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from array import array
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sidecar.tasks import Tasks
+from sidecar.telemetry.metrics import (
+    SPOOL_TORN_BYTES,
+    SPOOL_TORN_TAILS,
+    USAGE_RECORDS_BUFFERED,
+    USAGE_RECORDS_DROPPED,
+)
+
+log = logging.getLogger("sidecar.usage.spool")
+
+MAGIC = b"SCSPOOL1"
+HEADER = struct.Struct(">8sQ")
+FRAME = struct.Struct(">II")
+MAX_FRAME = 64 * 1024 * 1024        # a longer length field can only be corruption
+SEGMENT_SUFFIX = ".seg"
+IDLE_ROLL_SECONDS = 10.0             # a fully acknowledged segment this old is replaced and deleted
+CHECKPOINT_SECONDS = 1.0
+WRITE_RETRY_SECONDS = 1.0
+
+WAITING, IN_FLIGHT, DONE = 0, 1, 2
+Durability = Literal["interval", "strict"]
+OnFull = Literal["reject", "drop_oldest"]
+
+
+class SpoolLocked(OSError):
+    """Another process owns this spool directory."""
+
+
+def frame(payload: bytes) -> bytes:
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def segment_name(first: int) -> str:
+    return f"{first:020d}{SEGMENT_SUFFIX}"
+
+
+@dataclass
+class SegmentScan:
+    """What a segment file holds: its first sequence, whole frames, and what follows them."""
+
+    path: Path
+    first: int
+    payloads: list[bytes]
+    good_bytes: int             # header + whole frames
+    size: int                   # the file's size
+    problem: str = ""           # why the bytes after good_bytes are not frames ("" = none)
+
+    @property
+    def torn_bytes(self) -> int:
+        return self.size - self.good_bytes
+
+
+def scan_segment(path: Path) -> SegmentScan:
+    """Reads every whole, CRC-valid frame of a segment; stops at the first that is not."""
+    data = path.read_bytes()
+    first = int(path.name.removesuffix(SEGMENT_SUFFIX))
+    if len(data) < HEADER.size:
+        return SegmentScan(path, first, [], 0, len(data), "the header is incomplete")
+    magic, header_first = HEADER.unpack_from(data)
+    if magic != MAGIC or header_first != first:
+        return SegmentScan(path, first, [], 0, len(data), "not a spool segment (bad header)")
+    payloads: list[bytes] = []
+    offset = HEADER.size
+    problem = ""
+    while offset < len(data):
+        if offset + FRAME.size > len(data):
+            problem = "a frame header is cut short"
+            break
+        length, crc = FRAME.unpack_from(data, offset)
+        start = offset + FRAME.size
+        if length > MAX_FRAME or start + length > len(data):
+            problem = "a frame is cut short"
+            break
+        payload = data[start:start + length]
+        if zlib.crc32(payload) != crc:
+            problem = "a frame fails its CRC"
+            break
+        payloads.append(payload)
+        offset = start + length
+    return SegmentScan(path, first, payloads, offset, len(data), problem)
+
+
+def segment_paths(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob(f"*{SEGMENT_SUFFIX}") if p.stem.isdigit())
+
+
+def read_checkpoint(directory: Path) -> int:
+    try:
+        return int(json.loads((directory / "checkpoint").read_text())["acked_below"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+@dataclass(eq=False)
+class Segment:
+    first: int
+    path: Path
+    states: bytearray = field(default_factory=bytearray)   # one state per record
+    times: array[float] = field(default_factory=lambda: array("d"))  # wall time each record was spooled
+    size: int = HEADER.size      # bytes once everything appended is written
+    written: int = 0             # records on disk
+    done: int = 0
+    waiting: int = 0
+    low: int = 0                 # every record below this index is DONE
+    sealed: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def count(self) -> int:
+        return len(self.states)
+
+    @property
+    def finished(self) -> bool:
+        return self.sealed and self.done == self.count and self.written == self.count
+
+    def advance_low(self) -> int:
+        while self.low < self.count and self.states[self.low] == DONE:
+            self.low += 1
+        return self.low
+
+
+@dataclass
+class Recovery:
+    segments: int = 0
+    records: int = 0           # records found on disk
+    unsettled: int = 0         # of them, not below the checkpoint: they are replayed
+    torn_tails: int = 0
+    torn_bytes: int = 0
+
+
+class Spool:
+    """Owns a spool directory; use `open_spool`. All methods run on the event loop; file I/O
+    runs in worker threads."""
+
+    def __init__(self, directory: Path, *, durability: Durability, fsync_interval: float,
+                 max_bytes: int, on_full: OnFull, segment_bytes: int, lock_fd: int) -> None:
+        self.directory = directory
+        self.durability = durability
+        self.fsync_interval = fsync_interval
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        # drop_oldest must be able to drop a part of the spool, never all of it at once
+        self.segment_bytes = max(4096, min(segment_bytes, max_bytes // 8))
+        self.recovery = Recovery()
+        self.write_error = ""
+        self.on_change: Any = None              # called when `full` or `write_error` changes
+        self._lock_fd = lock_fd
+        self._segments: list[Segment] = []
+        self._firsts: list[int] = []
+        self._next_seq = 0
+        self._bytes = 0
+        self._pending: list[tuple[Segment, bytes]] = []
+        self._doomed: list[Path] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._wake = asyncio.Event()
+        self._tasks = Tasks()
+        self._writer: asyncio.Task[None] | None = None
+        self._files: dict[Path, Any] = {}       # open segment files (writer thread only)
+        self._checkpointed = -1
+        self._closing = False
+        self._was_full = False
+
+    # --- the record path -------------------------------------------------------------------
+
+    def append(self, payload: bytes, state: int) -> int:
+        """Spools one record (written by the next batch) and returns its sequence."""
+        data = frame(payload)
+        if self.on_full == "drop_oldest":
+            self._drop_oldest_for(len(data))
+        segment = self._segments[-1] if self._segments else None
+        if segment is None or segment.sealed or (segment.count and segment.size + len(data) > self.segment_bytes) or segment.count and segment.done == segment.count and time.monotonic() - segment.created > IDLE_ROLL_SECONDS:
+            segment = self._new_segment()
+        seq = segment.first + segment.count
+        segment.states.append(state)
+        segment.times.append(time.time())
+        if state == WAITING:
+            segment.waiting += 1
+        segment.size += len(data)
+        self._bytes += len(data)
+        self._next_seq = seq + 1
+        self._pending.append((segment, data))
+        USAGE_RECORDS_BUFFERED.inc()
+        if not self._wake.is_set():
+            self._wake.set()
+        self._check_full()
+        return seq
+
+    def durable(self) -> asyncio.Future[None]:
+        """Resolves when what has been appended so far is fsynced (strict durability waits on it)."""
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+        return self._batch
+
+    def ack(self, seq: int) -> None:
+        """The record is settled: Kafka has it, or the dead-letter store does."""
+        segment, index = self._find(seq)
+        if segment is None or segment.states[index] == DONE:
+            return
+        if segment.states[index] == WAITING:
+            segment.waiting -= 1
+        segment.states[index] = DONE
+        segment.done += 1
+        if segment.done == segment.count and segment is not self._segments[-1]:
+            self._retire(segment)
+
+    def set_waiting(self, seq: int) -> None:
+        """Kafka did not take the record (yet): it is replayed from disk."""
+        segment, index = self._find(seq)
+        if segment is not None and segment.states[index] == IN_FLIGHT:
+            segment.states[index] = WAITING
+            segment.waiting += 1
+
+    def set_in_flight(self, seq: int) -> bool:
+        segment, index = self._find(seq)
+        if segment is None or segment.states[index] != WAITING:
+            return False
+        segment.states[index] = IN_FLIGHT
+        segment.waiting -= 1
+        return True
+
+    def requeue_in_flight(self) -> int:
+        """Every IN_FLIGHT record becomes WAITING (the producer that had them is gone)."""
+        moved = 0
+        for segment in self._segments:
+            for index in range(segment.low, segment.count):
+                if segment.states[index] == IN_FLIGHT:
+                    segment.states[index] = WAITING
+                    moved += 1
+                    segment.waiting += 1
+        return moved
+
+    async def waiting_records(self) -> AsyncIterator[tuple[int, bytes]]:
+        """(sequence, payload) of WAITING records that are on disk, oldest first; each is still
+        WAITING when it is yielded."""
+        for segment in list(self._segments):
+            if not segment.waiting or not segment.written:
+                continue
+            scan = await asyncio.to_thread(scan_segment, segment.path)
+            for index, payload in enumerate(scan.payloads[:segment.written]):
+                if segment.states[index] == WAITING:
+                    yield segment.first + index, payload
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def full(self) -> bool:
+        return self._bytes >= self.max_bytes
+
+    @property
+    def refusing(self) -> bool:
+        """True while calls must be refused: `reject` and full, or the disk refuses writes."""
+        return bool(self.write_error) or (self.on_full == "reject" and self.full)
+
+    def unsettled(self) -> int:
+        return sum(s.count - s.done for s in self._segments)
+
+    def waiting(self) -> int:
+        return sum(s.waiting for s in self._segments)
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest unsettled record was spooled (0 when there is none)."""
+        for segment in self._segments:
+            low = segment.advance_low()
+            if low < segment.count:
+                return max(0.0, time.time() - float(segment.times[low]))
+        return 0.0
+
+    def acked_below(self) -> int:
+        for segment in self._segments:
+            low = segment.advance_low()
+            if low < segment.count:
+                return segment.first + low
+        return self._next_seq
+
+    def component(self) -> dict[str, Any]:
+        detail: dict[str, Any] = {
+            "status": "failing" if self.refusing else "ok", "dir": str(self.directory),
+            "durability": self.durability, "records": self.unsettled(), "waiting": self.waiting(),
+            "bytes": self._bytes, "max_bytes": self.max_bytes, "oldest_age_seconds": round(self.oldest_age(), 3),
+            "segments": len(self._segments), "on_full": self.on_full}
+        if self.write_error:
+            detail["write_error"] = self.write_error
+        if self.recovery.torn_tails:
+            detail["torn_tails_at_start"] = self.recovery.torn_tails
+        return detail
+
+    # --- segments --------------------------------------------------------------------------
+
+    def _find(self, seq: int) -> tuple[Segment | None, int]:
+        at = bisect.bisect_right(self._firsts, seq) - 1
+        if at < 0:
+            return None, 0
+        segment = self._segments[at]
+        index = seq - segment.first
+        return (segment, index) if index < segment.count else (None, 0)
+
+    def _new_segment(self) -> Segment:
+        if self._segments:
+            previous = self._segments[-1]
+            previous.sealed = True
+            if previous.done == previous.count:
+                self._retire(previous)
+        segment = Segment(self._next_seq, self.directory / segment_name(self._next_seq))
+        self._bytes += segment.size
+        self._segments.append(segment)
+        self._firsts.append(segment.first)
+        return segment
+
+    def _retire(self, segment: Segment) -> None:
+        """Forgets a segment; its file is deleted by the writer (after its pending writes)."""
+        segment.sealed = True
+        if segment.written < segment.count:
+            return  # retired again when the writer has written it (see flush)
+        at = self._segments.index(segment)
+        del self._segments[at], self._firsts[at]
+        self._bytes -= segment.size
+        self._doomed.append(segment.path)
+        self._wake.set()
+        self._check_full()
+
+    def _drop_oldest_for(self, needed: int) -> None:
+        while self._bytes + needed > self.max_bytes and self._segments:
+            oldest = self._segments[0]
+            if oldest is self._segments[-1]:
+                if not oldest.count:
+                    return
+                self._new_segment()
+                if oldest not in self._segments:
+                    continue
+            lost = oldest.count - oldest.done
+            del self._segments[0], self._firsts[0]
+            self._bytes -= oldest.size
+            self._pending = [(s, d) for s, d in self._pending if s is not oldest]
+            self._doomed.append(oldest.path)
+            if lost:
+                USAGE_RECORDS_DROPPED.labels("spool_full").inc(lost)
+                log.error("spool full: dropped the oldest segment's unacknowledged records",
+                          extra={"records": lost, "segment": oldest.path.name, "max_spool_bytes": self.max_bytes})
+
+    def _check_full(self) -> None:
+        refusing = self.refusing
+        if refusing != self._was_full:
+            self._was_full = refusing
+            if refusing:
+                log.error("usage spool cannot take more records: calls are refused",
+                          extra={"bytes": self._bytes, "max_spool_bytes": self.max_bytes, "write_error": self.write_error})
+            else:
+                log.info("usage spool has room again: calls are accepted")
+            if self.on_change is not None:
+                self.on_change()
+
+    # --- the writer ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._writer = self._tasks.spawn(self._write_loop(), name="spool-writer")
+
+    async def _write_loop(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), CHECKPOINT_SECONDS)
+            except TimeoutError:
+                pass
+            if self.durability == "interval" and self._pending and not self._closing:
+                await asyncio.sleep(self.fsync_interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Writes and fsyncs what is pending, deletes retired segments, updates the checkpoint."""
+        self._wake.clear()
+        batch, self._pending = self._pending, []
+        done, self._batch = self._batch, None
+        doomed, self._doomed = self._doomed, []
+        acked_below = self.acked_below()
+        checkpoint = acked_below if acked_below != self._checkpointed else None
+        try:
+            await asyncio.to_thread(self._write, batch, doomed, checkpoint)
+        except OSError as exc:
+            self._pending = batch + self._pending
+            self._doomed = doomed + self._doomed
+            if done is not None:  # its records are written with the next batch
+                if self._batch is None:
+                    self._batch = done
+                else:
+                    self._batch.add_done_callback(lambda _f: done.done() or done.set_result(None))
+            if not self.write_error:
+                log.error("usage spool write failed; retrying", extra={"error": str(exc)})
+            self.write_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            self._check_full()
+            await asyncio.sleep(WRITE_RETRY_SECONDS)
+            self._wake.set()
+            return
+        if self.write_error:
+            log.info("usage spool writes again")
+            self.write_error = ""
+            self._check_full()
+        if checkpoint is not None:
+            self._checkpointed = checkpoint
+        for segment, _ in batch:
+            segment.written += 1
+        for segment in {id(s): s for s, _ in batch}.values():
+            if segment.sealed and segment.done == segment.count and segment in self._segments:
+                self._retire(segment)
+        last = self._segments[-1] if self._segments else None
+        if (last is not None and last.count and last.done == last.count and last.written == last.count
+                and time.monotonic() - last.created > IDLE_ROLL_SECONDS):
+            self._retire(last)  # an idle, settled segment: the next record starts a new one
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _write(self, batch: list[tuple[Segment, bytes]], doomed: list[Path], checkpoint: int | None) -> None:
+        """Worker thread: append, fsync, delete, checkpoint."""
+        current: Any = None
+        for segment, data in _runs(batch):
+            out = self._files.get(segment.path)
+            if out is None:
+                for path in list(self._files):  # the writer appends to one segment at a time
+                    old = self._files.pop(path)
+                    os.fsync(old.fileno())
+                    old.close()
+                created = not segment.path.exists()
+                out = self._files[segment.path] = open(segment.path, "ab", buffering=0)  # noqa: SIM115
+                if created:
+                    out.write(HEADER.pack(MAGIC, segment.first))
+                    _fsync_dir(self.directory)
+            out.write(data)
+            current = out
+        if current is not None:
+            os.fsync(current.fileno())
+        for path in doomed:
+            handle = self._files.pop(path, None)
+            if handle is not None:
+                handle.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if checkpoint is not None:
+            tmp = self.directory / "checkpoint.tmp"
+            tmp.write_text(json.dumps({"acked_below": checkpoint}))
+            tmp.replace(self.directory / "checkpoint")
+
+    async def aclose(self) -> None:
+        """Writes what is pending and releases the directory."""
+        self._closing = True
+        self._wake.set()
+        await self._tasks.aclose(timeout=5.0)
+        last = self._segments[-1] if self._segments else None
+        if last is not None and last.done == last.count:
+            self._retire(last)  # everything is settled: nothing to recover next time
+        for _ in range(3):
+            await self.flush()
+            if not self._pending:
+                break
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        os.close(self._lock_fd)
+
+    def __repr__(self) -> str:
+        return (f"<Spool {self.directory} segments={len(self._segments)} unsettled={self.unsettled()} "
+                f"bytes={self._bytes}>")
+
+
+def _runs(batch: list[tuple[Segment, bytes]]) -> Iterator[tuple[Segment, bytes]]:
+    """Consecutive frames of the same segment, joined."""
+    current: Segment | None = None
+    parts: list[bytes] = []
+    for segment, data in batch:
+        if segment is not current and parts:
+            assert current is not None
+            yield current, b"".join(parts)
+            parts = []
+        current = segment
+        parts.append(data)
+    if parts:
+        assert current is not None
+        yield current, b"".join(parts)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_spool(directory: Path) -> int:
+    """Takes the directory's lock for this process or raises `SpoolLocked` naming the owner."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SpoolLocked(f"the usage spool {directory} is in use by pid {owner}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def spool_owner(directory: Path) -> int | None:
+    """The pid holding the spool's lock, or None when nobody holds it."""
+    try:
+        fd = os.open(directory / "LOCK", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None
+
+
+def open_spool(directory: Path, *, durability: Durability = "interval", fsync_interval: float = 0.02,
+               max_bytes: int = 1 << 30, on_full: OnFull = "reject", segment_bytes: int = 16 << 20) -> Spool:
+    """Locks the directory and recovers it: torn tails are truncated (counted and logged),
+    settled segments deleted, the rest loaded for replay. Blocking: call it in a thread."""
+    from sidecar.usage.record import started_seconds
+
+    lock_fd = lock_spool(directory)
+    spool = Spool(directory, durability=durability, fsync_interval=fsync_interval, max_bytes=max_bytes,
+                  on_full=on_full, segment_bytes=segment_bytes, lock_fd=lock_fd)
+    acked_below = read_checkpoint(directory)
+    recovery = spool.recovery
+    next_seq = acked_below
+    for path in segment_paths(directory):
+        scan = scan_segment(path)
+        if scan.problem:
+            recovery.torn_tails += 1
+            recovery.torn_bytes += scan.torn_bytes
+            SPOOL_TORN_TAILS.inc()
+            SPOOL_TORN_BYTES.inc(scan.torn_bytes)
+            log.warning("usage spool: torn tail truncated", extra={
+                "segment": path.name, "problem": scan.problem, "bytes": scan.torn_bytes,
+                "records_kept": len(scan.payloads)})
+        if not scan.payloads:
+            path.unlink()
+            continue
+        if scan.problem:
+            with open(path, "r+b") as out:
+                out.truncate(scan.good_bytes)
+                os.fsync(out.fileno())
+        recovery.segments += 1
+        recovery.records += len(scan.payloads)
+        last = scan.first + len(scan.payloads)
+        next_seq = max(next_seq, last)
+        if last <= acked_below:
+            path.unlink()
+            continue
+        segment = Segment(scan.first, path, sealed=True, size=scan.good_bytes, written=len(scan.payloads))
+        for index, payload in enumerate(scan.payloads):
+            settled = scan.first + index < acked_below
+            segment.states.append(DONE if settled else WAITING)
+            segment.times.append(started_seconds(payload))
+            segment.done += settled
+            segment.waiting += not settled
+        recovery.unsettled += segment.waiting
+        spool._segments.append(segment)
+        spool._firsts.append(segment.first)
+        spool._bytes += segment.size
+    spool._next_seq = next_seq
+    if recovery.records or recovery.torn_tails:
+        log.info("usage spool recovered", extra={
+            "dir": str(directory), "segments": recovery.segments, "records": recovery.records,
+            "to_replay": recovery.unsettled, "torn_tails": recovery.torn_tails, "torn_bytes": recovery.torn_bytes})
+    spool._was_full = spool.refusing
+    return spool
