@@ -69,7 +69,66 @@ def _parser() -> argparse.ArgumentParser:
     backend.add_argument("--seed", type=int, default=None)
     backend.add_argument("--log-calls", action="store_true", help="one JSON line per call on stdout")
     backend.set_defaults(handler=_demo_backend)
+
+    spool = sub.add_parser("spool", help="the usage-record spool: status, or replay a stopped sidecar's spool")
+    spool_sub = spool.add_subparsers(metavar="ACTION", required=True)
+    status = spool_sub.add_parser("status", help="segments, records not yet acknowledged, oldest, torn tails")
+    status.add_argument("--config", required=True, metavar="FILE")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=lambda a: _with_config(a, lambda c: tools().spool_status(c, a.json)))
+    replay = spool_sub.add_parser("replay", help="send what a stopped sidecar left in its spool to Kafka")
+    replay.add_argument("--config", required=True, metavar="FILE")
+    replay.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for Kafka (default 60)")
+    replay.set_defaults(handler=lambda a: _with_config(a, lambda c: tools().spool_replay(c, a.timeout)))
+
+    dlq = sub.add_parser("dlq", help="usage records Kafka rejected for good: list, inspect, replay, resolve")
+    dlq_sub = dlq.add_subparsers(metavar="ACTION", required=True)
+    listing = dlq_sub.add_parser("list", help="open dead letters, with counts by reason")
+    listing.add_argument("--config", required=True, metavar="FILE")
+    listing.add_argument("--all", action="store_true", help="also replayed and resolved ones")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=lambda a: _with_config(a, lambda c: tools().dlq_list(c, a.all, a.json)))
+    inspect = dlq_sub.add_parser("inspect", help="one dead letter, its record decoded")
+    inspect.add_argument("event_id")
+    inspect.add_argument("--config", required=True, metavar="FILE")
+    inspect.set_defaults(handler=lambda a: _with_config(a, lambda c: tools().dlq_inspect(c, a.event_id)))
+    dlq_replay = dlq_sub.add_parser("replay", help="send dead letters to Kafka again once the cause is fixed")
+    dlq_replay.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
+    dlq_replay.add_argument("--all", action="store_true", help="every open dead letter")
+    dlq_replay.add_argument("--config", required=True, metavar="FILE")
+    dlq_replay.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Kafka (default 30)")
+    dlq_replay.set_defaults(handler=_dlq_replay)
+    resolve = dlq_sub.add_parser("resolve", help="mark dead letters handled, with a note")
+    resolve.add_argument("event_ids", nargs="+", metavar="EVENT_ID")
+    resolve.add_argument("--note", required=True, help="what was done about it (kept with the record)")
+    resolve.add_argument("--config", required=True, metavar="FILE")
+    resolve.set_defaults(handler=lambda a: _with_config(a, lambda c: tools().dlq_resolve(c, a.event_ids, a.note)))
     return parser
+
+
+def tools() -> Any:
+    from sidecar.usage import tools as usage_tools
+
+    return usage_tools
+
+
+def _with_config(args: argparse.Namespace, command: Callable[[Any], int]) -> int:
+    from sidecar.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    return command(config)
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    if bool(args.event_ids) == args.all:
+        print("name the EVENT_IDs to replay, or --all", file=sys.stderr)
+        return 2
+    return _with_config(args, lambda c: tools().dlq_replay(c, args.event_ids, args.all, args.timeout))
 
 
 def hash_secret(secret: str) -> str:

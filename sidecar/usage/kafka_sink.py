@@ -201,7 +201,10 @@ class KafkaSink:
                 self._dead_letter(seq, payload, reason, error.str())
                 return True
             self.spool.set_waiting(seq)
-            self._pause(error.str())
+            if _fatal(error):
+                self._rebuild("fatal", error.str())
+            else:
+                self._pause(error.str())
             return False
         return True
 
@@ -221,7 +224,7 @@ class KafkaSink:
             self._dead_letter(seq, message.value(), reason, error.str())
             return
         self.spool.set_waiting(seq)
-        if error.fatal():
+        if _fatal(error):
             self._rebuild("fatal", error.str())
         elif code == KafkaError._MSG_TIMED_OUT:
             self._rebuild("timeout", error.str())
@@ -248,7 +251,7 @@ class KafkaSink:
     def _on_error(self, generation: int, error: KafkaError) -> None:
         if generation != self._generation:
             return
-        if error.fatal():
+        if _fatal(error):
             self._rebuild("fatal", error.str())
         elif error.code() == KafkaError._ALL_BROKERS_DOWN:
             self._mark_up(False)
@@ -349,7 +352,14 @@ class KafkaSink:
         while True:
             producer = self._producer
             if producer is not None:
-                producer.poll(0)
+                try:
+                    producer.poll(0)
+                except KafkaException as exc:  # a fatal error surfaces here too
+                    error: KafkaError = exc.args[0]
+                    if producer is self._producer and _fatal(error):
+                        self._rebuild("fatal", error.str())
+                    else:
+                        log.warning("kafka producer error", extra={"error": error.str()})
             await asyncio.sleep(POLL_SECONDS)
 
     # --- state -----------------------------------------------------------------------------
@@ -369,6 +379,11 @@ class KafkaSink:
 
     def __repr__(self) -> str:
         return f"<KafkaSink topic={self._topic} generation={self._generation} {self.spool!r}>"
+
+
+def _fatal(error: KafkaError) -> bool:
+    """The producer cannot go on (librdkafka reports it as a fatal error, or refuses with _FATAL)."""
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
 
 
 def _dispose(producer: Producer) -> None:

@@ -1,12 +1,15 @@
 """Steady load for chaos tests: one thread calling `Infer` back to back, counting outcomes.
 
 Outcomes are counted per `phase` (the test moves it: "before", "outage", "after", ...), as
-"OK" or the error's catalog reason, so a test can assert what callers saw in each phase.
+"OK" or the error's catalog reason, so a test can assert what callers saw in each phase. Every
+call carries its own `x-request-id`; the ids of the calls that got an answer are kept per phase
+(`answered`), so a test can look for their usage records.
 """
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,6 +27,7 @@ class Load:
     pause: float = 0.0             # seconds between calls
     phase: str = "before"
     outcomes: dict[str, Counter[str]] = field(default_factory=dict)
+    answered: dict[str, list[str]] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -37,6 +41,9 @@ class Load:
         if self.thread is not None:
             self.thread.join(10)
 
+    def all_answered(self) -> list[str]:
+        return [request_id for ids in self.answered.values() for request_id in ids]
+
     def total(self) -> Counter[str]:
         return sum(self.outcomes.values(), Counter[str]())
 
@@ -46,9 +53,11 @@ class Load:
             infer = channel.unary_unary(INFER)
             while not self.stop.is_set():
                 phase = self.phase
+                request_id = f"load-{uuid.uuid4().hex}"
                 try:
-                    infer(request, metadata=self.metadata, timeout=5)
+                    infer(request, metadata=(*self.metadata, ("x-request-id", request_id)), timeout=5)
                     outcome = "OK"
+                    self.answered.setdefault(phase, []).append(request_id)
                 except grpc.RpcError as error:
                     outcome = error_detail(error).reason or error.code().name
                 self.outcomes.setdefault(phase, Counter())[outcome] += 1
