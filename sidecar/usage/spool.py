@@ -599,7 +599,7 @@ def open_spool(directory: Path, *, durability: Durability = "interval", fsync_in
             continue
         segment = Segment(scan.first, path, sealed=True, size=scan.good_bytes, written=len(scan.payloads))
         for index, payload in enumerate(scan.payloads):
-            settled = False
+            settled = scan.first + index < acked_below
             segment.states.append(DONE if settled else WAITING)
             segment.times.append(started_seconds(payload))
             segment.done += settled
