@@ -111,6 +111,9 @@ def scan_segment(path: Path) -> SegmentScan:
             break
         length, crc = FRAME.unpack_from(data, offset)
         start = offset + FRAME.size
+        if length == 0:  # no record is empty: zeroed bytes, e.g. a file extended but never written
+            problem = "zeroed bytes instead of a frame"
+            break
         if length > MAX_FRAME or start + length > len(data):
             problem = "a frame is cut short"
             break
@@ -163,6 +166,15 @@ class Segment:
 
 
 @dataclass
+class _Written:
+    """What one writer batch achieved."""
+
+    frames: int = 0                            # frames of the batch on disk, in order
+    error: OSError | None = None               # why the others are not
+    housekeeping_error: OSError | None = None  # deleting segments or the checkpoint failed
+
+
+@dataclass
 class Recovery:
     segments: int = 0
     records: int = 0           # records found on disk
@@ -198,7 +210,8 @@ class Spool:
         self._wake = asyncio.Event()
         self._tasks = Tasks()
         self._writer: asyncio.Task[None] | None = None
-        self._files: dict[Path, Any] = {}       # open segment files (writer thread only)
+        self._files: dict[Path, int] = {}       # open segment files (writer thread only)
+        self._flush_lock = asyncio.Lock()
         self._checkpointed = -1
         self._closing = False
         self._was_full = False
@@ -276,11 +289,14 @@ class Spool:
         """(sequence, payload) of WAITING records that are on disk, oldest first; each is still
         WAITING when it is yielded."""
         for segment in list(self._segments):
-            if not segment.waiting or not segment.written:
+            if not segment.waiting or not segment.written or segment not in self._segments:
                 continue
-            scan = await asyncio.to_thread(scan_segment, segment.path)
+            try:
+                scan = await asyncio.to_thread(scan_segment, segment.path)
+            except FileNotFoundError:
+                continue  # dropped meanwhile (on_spool_full: drop_oldest)
             for index, payload in enumerate(scan.payloads[:segment.written]):
-                if segment.states[index] == WAITING:
+                if segment in self._segments and segment.states[index] == WAITING:
                     yield segment.first + index, payload
 
     # --- state -----------------------------------------------------------------------------
@@ -413,22 +429,32 @@ class Spool:
 
     async def flush(self) -> None:
         """Writes and fsyncs what is pending, deletes retired segments, updates the checkpoint."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         self._wake.clear()
         batch, self._pending = self._pending, []
         done, self._batch = self._batch, None
         doomed, self._doomed = self._doomed, []
         acked_below = self.acked_below()
         checkpoint = acked_below if acked_below != self._checkpointed else None
-        try:
-            await asyncio.to_thread(self._write, batch, doomed, checkpoint)
-        except OSError as exc:
-            self._pending = batch + self._pending
-            self._doomed = doomed + self._doomed
+        result = await asyncio.to_thread(self._write, batch, doomed, checkpoint)
+        for segment, _ in batch[:result.frames]:
+            segment.written += 1
+        if result.housekeeping_error is not None:
+            self._doomed = doomed + self._doomed  # deleted (or checkpointed) on the next flush
+            log.warning("usage spool housekeeping failed; retrying", extra={"error": str(result.housekeeping_error)})
+        elif checkpoint is not None and result.error is None:
+            self._checkpointed = checkpoint
+        if result.error is not None:
+            self._pending = batch[result.frames:] + self._pending  # what is on disk is never written twice
             if done is not None:  # its records are written with the next batch
                 if self._batch is None:
                     self._batch = done
                 else:
                     self._batch.add_done_callback(lambda _f: done.done() or done.set_result(None))
+            exc = result.error
             if not self.write_error:
                 log.error("usage spool write failed; retrying", extra={"error": str(exc)})
             self.write_error = f"{type(exc).__name__}: {exc.strerror or exc}"
@@ -440,10 +466,6 @@ class Spool:
             log.info("usage spool writes again")
             self.write_error = ""
             self._check_full()
-        if checkpoint is not None:
-            self._checkpointed = checkpoint
-        for segment, _ in batch:
-            segment.written += 1
         for segment in {id(s): s for s, _ in batch}.values():
             if segment.sealed and segment.done == segment.count and segment in self._segments:
                 self._retire(segment)
@@ -454,35 +476,61 @@ class Spool:
         if done is not None and not done.done():
             done.set_result(None)
 
-    def _write(self, batch: list[tuple[Segment, bytes]], doomed: list[Path], checkpoint: int | None) -> None:
-        """Worker thread: append, fsync, delete, checkpoint."""
-        current: Any = None
-        for segment, data in _runs(batch):
-            out = self._files.get(segment.path)
-            if out is None:
-                for path in list(self._files):  # the writer appends to one segment at a time
-                    old = self._files.pop(path)
-                    os.fsync(old.fileno())
-                    old.close()
-                created = not segment.path.exists()
-                out = self._files[segment.path] = open(segment.path, "ab", buffering=0)  # noqa: SIM115
-                if created:
-                    out.write(HEADER.pack(MAGIC, segment.first))
-                    _fsync_dir(self.directory)
-            out.write(data)
-            current = out
-        if current is not None:
-            os.fsync(current.fileno())
-        for path in doomed:
-            handle = self._files.pop(path, None)
-            if handle is not None:
-                handle.close()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        if checkpoint is not None:
-            tmp = self.directory / "checkpoint.tmp"
-            tmp.write_text(json.dumps({"acked_below": checkpoint}))
-            tmp.replace(self.directory / "checkpoint")
+    def _write(self, batch: list[tuple[Segment, bytes]], doomed: list[Path], checkpoint: int | None) -> _Written:
+        """Worker thread: append and fsync the batch's frames in order, then delete retired
+        segments and write the checkpoint. A failed append is rolled back to the last whole
+        frame, so a retry never leaves a half frame or a frame twice on disk."""
+        result = _Written()
+        try:
+            for segment, data, count in _runs(batch):
+                fd = self._open(segment)
+                start = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    raise
+                result.frames += count
+        except OSError as exc:
+            result.error = exc
+            return result
+        try:
+            for path in doomed:
+                fd = self._files.pop(path, -1)
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if checkpoint is not None:
+                tmp = self.directory / "checkpoint.tmp"
+                tmp.write_text(json.dumps({"acked_below": checkpoint}))
+                tmp.replace(self.directory / "checkpoint")
+        except OSError as exc:
+            result.housekeeping_error = exc
+        return result
+
+    def _open(self, segment: Segment) -> int:
+        """The segment's file for appending (writer thread); a new file gets its header first."""
+        fd = self._files.get(segment.path)
+        if fd is not None:
+            return fd
+        for path in list(self._files):  # the writer appends to one segment at a time
+            os.close(self._files.pop(path))
+        fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size == 0:
+                _write_all(fd, HEADER.pack(MAGIC, segment.first))
+                os.fsync(fd)
+                _fsync_dir(self.directory)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+            raise
+        self._files[segment.path] = fd
+        return fd
 
     async def aclose(self) -> None:
         """Writes what is pending and releases the directory."""
@@ -496,8 +544,8 @@ class Spool:
             await self.flush()
             if not self._pending:
                 break
-        for handle in self._files.values():
-            handle.close()
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
         os.close(self._lock_fd)
 
@@ -506,20 +554,27 @@ class Spool:
                 f"bytes={self._bytes}>")
 
 
-def _runs(batch: list[tuple[Segment, bytes]]) -> Iterator[tuple[Segment, bytes]]:
-    """Consecutive frames of the same segment, joined."""
+def _runs(batch: list[tuple[Segment, bytes]]) -> Iterator[tuple[Segment, bytes, int]]:
+    """Consecutive frames of the same segment, joined, with their count."""
     current: Segment | None = None
     parts: list[bytes] = []
     for segment, data in batch:
         if segment is not current and parts:
             assert current is not None
-            yield current, b"".join(parts)
+            yield current, b"".join(parts), len(parts)
             parts = []
         current = segment
         parts.append(data)
     if parts:
         assert current is not None
-        yield current, b"".join(parts)
+        yield current, b"".join(parts), len(parts)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until everything is written (a short write is followed by the real error)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _fsync_dir(directory: Path) -> None:

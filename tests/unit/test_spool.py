@@ -168,7 +168,15 @@ def flip_payload_byte(path: Path, payloads: list[bytes]) -> int:
     return len(data) - offset
 
 
-@pytest.mark.parametrize(("tear", "kept"), [(cut_last_frame, 4), (add_garbage, 5), (flip_payload_byte, 3)])
+def add_zeroes(path: Path, payloads: list[bytes]) -> int:
+    """A file extended but never written (a crash after the size was updated): zeroes, not records."""
+    with path.open("ab") as out:
+        out.write(bytes(4096))
+    return 4096
+
+
+@pytest.mark.parametrize(("tear", "kept"), [(cut_last_frame, 4), (add_garbage, 5), (flip_payload_byte, 3),
+                                            (add_zeroes, 5)])
 async def test_torn_tail_is_truncated_counted_and_the_rest_replayed(
         tmp_path: Path, spools: SpoolFactory, tear: Callable[[Path, list[bytes]], int], kept: int) -> None:
     payloads, path = await spool_five(tmp_path, spools)
@@ -343,3 +351,76 @@ async def test_oldest_age(tmp_path: Path, spools: SpoolFactory) -> None:
     assert 0.04 <= spool.oldest_age() < 1.0
     spool.ack(seq)
     assert spool.oldest_age() == 0.0 and spool.component()["oldest_age_seconds"] == 0.0
+
+
+# --- write failures --------------------------------------------------------------------------
+
+FULL_DISK = """
+import asyncio, resource, signal, sys
+from pathlib import Path
+from sidecar.usage.spool import WAITING, open_spool, scan_segment, segment_paths
+
+async def main() -> None:
+    directory = Path(sys.argv[1])
+    spool = open_spool(directory, durability="strict")
+    spool.start()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 + 2 * 308 + 100, hard))  # full in the third frame
+    for i in range(5):
+        spool.append(bytes([65 + i]) * 300, WAITING)
+    durable = spool.durable()
+    await asyncio.sleep(0.5)
+    print("resolved-while-full", durable.done(), "error", bool(spool.write_error), "refusing", spool.refusing)
+    print("on-disk", len(scan_segment(segment_paths(directory)[0]).payloads),
+          repr(scan_segment(segment_paths(directory)[0]).problem))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+    await asyncio.wait_for(durable, 5)
+    print("recovered", bool(spool.write_error), spool.refusing)
+    await spool.aclose()
+
+asyncio.run(main())
+"""
+
+
+def test_a_full_disk_holds_strict_callers_refuses_calls_and_loses_nothing(tmp_path: Path) -> None:
+    """The disk fills in the middle of a batch: the half frame is rolled back, strict callers
+    wait, the spool refuses calls; with room again, everything is written exactly once."""
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "resolved-while-full False error True refusing True"
+    assert lines[1] == "on-disk 0 ''"  # the half-written batch was rolled back: no half frame
+    assert lines[2] == "recovered False False"
+    (path,) = segment_paths(tmp_path)
+    assert scan_segment(path).payloads == [bytes([65 + i]) * 300 for i in range(5)]
+
+
+async def test_a_failed_checkpoint_never_writes_a_frame_twice(tmp_path: Path, spools: SpoolFactory) -> None:
+    spool = spools(tmp_path)
+    (tmp_path / "checkpoint.tmp").mkdir()  # the checkpoint cannot be replaced
+    for name in (b"A", b"B", b"C"):
+        spool.append(name, WAITING)
+    await spool.flush()
+    (tmp_path / "checkpoint.tmp").rmdir()
+    await spool.flush()
+    spool.append(b"D", WAITING)
+    await spool.flush()
+    assert scan_segment(segment_paths(tmp_path)[0]).payloads == [b"A", b"B", b"C", b"D"]
+    assert await replay(spool) == {0: b"A", 1: b"B", 2: b"C", 3: b"D"}
+
+
+async def test_a_segment_dropped_during_a_replay_pass_is_skipped(tmp_path: Path, spools: SpoolFactory) -> None:
+    spool = spools(tmp_path, max_bytes=65536, on_full="drop_oldest")
+    while spool.size_bytes < 60000:
+        spool.append(b"x" * 300, WAITING)
+    await spool.flush()
+    seen: list[int] = []
+    async for seq, _ in spool.waiting_records():
+        seen.append(seq)
+        if len(seen) == 1:  # calls keep coming: the oldest segments are dropped and deleted
+            for _ in range(60):
+                spool.append(b"y" * 300, WAITING)
+            await spool.flush()
+    assert seen and seen[-1] > seen[0]
