@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     p.add_argument("--requests", type=int, default=20_000, help="h2load requests per sidecar per round (20000)")
     p.add_argument("--calls", type=int, default=500, help="sequential latency calls per sidecar per round (500)")
+    p.add_argument("--kafka", action="append", default=[], metavar="KEY=VALUE",
+                   help="a usage.kafka setting for both Kafka variants, e.g. linger_ms=20 (repeatable)")
     return p.parse_args()
 
 
@@ -71,7 +73,9 @@ async def measure(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dic
         config = sidecar_config(listen, loopback(), ops[name], backend_address, "memory")
         if usage is not None:
             config["usage"] = {"sink": "kafka", "spool_dir": str(tmp / f"spool-{name}"),
-                               "kafka": {"bootstrap_servers": bootstrap, "topic": f"bench-{name}"}, **usage}
+                               "kafka": {"bootstrap_servers": bootstrap, "topic": f"bench-{name}",
+                                         **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.kafka)}},
+                               **usage}
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         proc = start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(path)], tmp)

@@ -253,7 +253,7 @@ class UsageKafkaConfig(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = Field(default="inference.usage", min_length=1)
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
-    linger_ms: int = Field(default=5, ge=0)                 # records of this long share a produce request
+    linger_ms: int = Field(default=50, ge=0)                # records of this long share a produce request
     delivery_timeout_ms: int = Field(default=30_000, gt=0)  # unacknowledged this long -> back to the spool
     # the topic's max.message.bytes: a bigger record cannot be written and goes to the DLQ
     max_message_bytes: int = Field(default=1_048_588, gt=0)

@@ -121,6 +121,7 @@ class KafkaSink:
         self.kafka_up = False
         self._down_logged = False
         self._published = USAGE_RECORDS_PUBLISHED.labels(self.name)
+        self._acked = 0                  # acknowledgements not yet added to the metric (per poll)
         self._publish_seconds = USAGE_PUBLISH_SECONDS.labels(self.name)
         self._closing = False
         BUFFER_STORE_SIZE.set_function(spool.unsettled)
@@ -156,6 +157,8 @@ class KafkaSink:
             producer.poll(0)
             await asyncio.sleep(POLL_SECONDS)
         await self._tasks.aclose(timeout=0)
+        self._published.inc(self._acked)
+        self._acked = 0
         if producer is not None:
             left = len(producer)
             self._generation += 1  # late callbacks of this producer are ignored
@@ -213,7 +216,7 @@ class KafkaSink:
             return
         if error is None:
             self.spool.ack(seq)
-            self._published.inc()
+            self._acked += 1
             self._publish_seconds.observe(time.perf_counter() - started)
             self._backoff = self._base_backoff
             self._mark_up(True)
@@ -360,6 +363,9 @@ class KafkaSink:
                         self._rebuild("fatal", error.str())
                     else:
                         log.warning("kafka producer error", extra={"error": error.str()})
+                if self._acked:
+                    self._published.inc(self._acked)
+                    self._acked = 0
             await asyncio.sleep(POLL_SECONDS)
 
     # --- state -----------------------------------------------------------------------------

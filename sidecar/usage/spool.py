@@ -213,6 +213,7 @@ class Spool:
         self._files: dict[Path, int] = {}       # open segment files (writer thread only)
         self._flush_lock = asyncio.Lock()
         self._checkpointed = -1
+        self._checkpointed_at = 0.0
         self._closing = False
         self._was_full = False
 
@@ -235,10 +236,10 @@ class Spool:
         self._bytes += len(data)
         self._next_seq = seq + 1
         self._pending.append((segment, data))
-        USAGE_RECORDS_BUFFERED.inc()
         if not self._wake.is_set():
             self._wake.set()
-        self._check_full()
+        if self._bytes >= self.max_bytes or self._was_full:
+            self._check_full()
         return seq
 
     def durable(self) -> asyncio.Future[None]:
@@ -437,16 +438,19 @@ class Spool:
         batch, self._pending = self._pending, []
         done, self._batch = self._batch, None
         doomed, self._doomed = self._doomed, []
-        acked_below = self.acked_below()
-        checkpoint = acked_below if acked_below != self._checkpointed else None
+        checkpoint = None
+        if self._closing or time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS:
+            acked_below = self.acked_below()
+            checkpoint = acked_below if acked_below != self._checkpointed else None
         result = await asyncio.to_thread(self._write, batch, doomed, checkpoint)
         for segment, _ in batch[:result.frames]:
             segment.written += 1
+        USAGE_RECORDS_BUFFERED.inc(result.frames)
         if result.housekeeping_error is not None:
             self._doomed = doomed + self._doomed  # deleted (or checkpointed) on the next flush
             log.warning("usage spool housekeeping failed; retrying", extra={"error": str(result.housekeeping_error)})
         elif checkpoint is not None and result.error is None:
-            self._checkpointed = checkpoint
+            self._checkpointed, self._checkpointed_at = checkpoint, time.monotonic()
         if result.error is not None:
             self._pending = batch[result.frames:] + self._pending  # what is on disk is never written twice
             if done is not None:  # its records are written with the next batch

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 from sidecar_client.sidecar.usage.v1.usage_pb2 import UsageRecord
@@ -34,8 +33,6 @@ from tests.harness.load import INFER
 from tests.harness.procs import ManagedProcess, free_port, wait_until
 from tests.harness.servers import TANSU_STOP_TIMEOUT, kafka_consume_all, start_tansu
 from tests.harness.sidecar import SIDECAR, BackendProc, SidecarProc, health_status
-
-pytestmark = pytest.mark.slow
 
 MAX_SPOOL = 65536
 # A new segment's 16-byte header (magic + first sequence) is counted when the segment is opened,
@@ -60,7 +57,7 @@ def readyz(sidecar: SidecarProc) -> tuple[int, dict[str, Any]]:
         return error.code, json.load(error)
 
 
-def try_call(infer: grpc.UnaryUnaryMultiCallable, request_id: str,
+def try_call(infer: grpc.UnaryUnaryMultiCallable[bytes, bytes], request_id: str,
              metadata: tuple[tuple[str, str], ...] = METADATA) -> grpc.RpcError | None:
     """One `Infer` on an open channel; the error, or None when it was served."""
     request = InferRequest(model="chat", input="hello").SerializeToString()
@@ -101,7 +98,7 @@ budgets:
     unauthenticated = unique("unauthenticated")
     served, limited, poor, forbidden = (unique(n) for n in ("served", "limited", "budget", "forbidden"))
     with grpc.insecure_channel(sidecar.listen) as channel:
-        infer = channel.unary_unary(INFER)
+        infer: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER)
         error = try_call(infer, unauthenticated, (("x-api-key", "sk-nobody"),))
         assert error is not None and error.code() == grpc.StatusCode.UNAUTHENTICATED
         assert try_call(infer, served) is None
@@ -214,6 +211,8 @@ def test_records_too_large_for_the_topic_go_to_the_dlq_and_are_replayed_or_resol
     assert unknown.returncode == 1 and "no open dead letter with event id no-such-event" in unknown.stdout
     again = sidecar_cli("dlq", "replay", replayed, "--config", raised_yaml)
     assert again.returncode == 1  # already replayed: not open any more
+    resolved_again = sidecar_cli("dlq", "resolve", resolved, "--note", "twice", "--config", raised_yaml)
+    assert resolved_again.returncode == 1 and "no open dead letter" in resolved_again.stdout
     neither = sidecar_cli("dlq", "replay", "--config", raised_yaml)
     assert neither.returncode == 2 and "--all" in neither.stderr
     assert len(kafka_consume_all(kafka_bootstrap, topic, timeout=10, idle=1.0)) == 1
@@ -280,7 +279,7 @@ def test_a_full_spool_refuses_calls_until_kafka_drains_it(
     served: list[str] = []
     refused: list[str] = []
     with grpc.insecure_channel(sidecar.listen) as channel:
-        infer = channel.unary_unary(INFER)
+        infer: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER)
         for i in range(3000):
             request_id = unique(f"fill-{i}")
             error = try_call(infer, request_id)
@@ -334,7 +333,7 @@ def test_drop_oldest_keeps_serving_and_loses_only_the_oldest_records(
     request_ids = [unique(f"drop-{i}") for i in range(800)]
     largest = 0
     with grpc.insecure_channel(sidecar.listen) as channel:
-        infer = channel.unary_unary(INFER)
+        infer: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER)
         for i, request_id in enumerate(request_ids):
             assert try_call(infer, request_id) is None, f"call {i} failed"
             if i % 25 == 0:
