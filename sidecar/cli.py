@@ -144,18 +144,16 @@ def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sidecar.app import Sidecar, config_version
-    from sidecar.config import ConfigError, load_config
     from sidecar.telemetry.logging import configure_logging
 
     configure_logging()
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 2
-    with open(args.config) as f:
+    return _with_config(args, lambda config: _serve(config, args.config))
+
+
+def _serve(config: Any, path: str) -> int:
+    from sidecar.app import Sidecar, config_version
+
+    with open(path) as f:
         version = config_version(f.read())
 
     async def serve() -> None:

@@ -23,6 +23,8 @@ from typing import Any
 from google.protobuf import json_format
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
+from sidecar.usage.spool import fsync_dir
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -120,11 +122,7 @@ class DeadLetters:
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(path)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
 
 
 def _safe(event_id: str) -> str:

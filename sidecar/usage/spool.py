@@ -527,7 +527,7 @@ class Spool:
             if os.fstat(fd).st_size == 0:
                 _write_all(fd, HEADER.pack(MAGIC, segment.first))
                 os.fsync(fd)
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
@@ -581,7 +581,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Makes a directory's entries (a new or renamed file) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
