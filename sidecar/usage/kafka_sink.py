@@ -51,7 +51,7 @@ log = logging.getLogger("sidecar.usage.kafka")
 
 HEADERS: list[tuple[str, str | bytes | None]] = [("schema", SCHEMA.encode()), ("content-type", b"application/x-protobuf")]
 HEADER_BYTES = sum(len(k) + len(v or b"") for k, v in HEADERS)
-POLL_SECONDS = 0.01
+POLL_SECONDS = 0.05        # delivery reports and statistics are read this often (bookkeeping only)
 MAX_BACKOFF_SECONDS = 30.0
 EPOCH_STORM = 3            # producer epoch bumps within one statistics interval: the producer is stuck
 STATS_INTERVAL_MS = 1000
