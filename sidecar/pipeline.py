@@ -51,8 +51,9 @@ def build_pipeline(config: Callable[[], Config], router: Router, limit_store: Li
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
         Authenticate(config),
         # 2. refuse while usage records cannot be kept (spool full): an unbilled call must not
-        # run, and a refused one should cost nothing further.
-        UsageCapacity(usage),
+        # run, and a refused one should cost nothing further. Only a sink that can refuse
+        # (kafka, through its spool) puts this stage on the path.
+        *([UsageCapacity(usage)] if usage.can_refuse else []),
         # 3. resolve the model: an unknown model costs no limit, and limits need its settings.
         ResolveModel(config),
         # 4. rate limits and budgets, in one store round trip: they need the org, key id and

@@ -101,6 +101,7 @@ def org_of(payload: bytes) -> bytes:
 
 class KafkaSink:
     name = "kafka"
+    can_refuse = True
 
     def __init__(self, config: UsageConfig, spool: Spool, dead_letters: DeadLetters) -> None:
         self._kafka = config.kafka

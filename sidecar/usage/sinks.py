@@ -28,6 +28,7 @@ BATCH_SECONDS = 0.05  # records of this long are written together
 
 class UsageSink(Protocol):
     name: str
+    can_refuse: bool  # whether `refusing()` can ever be true
 
     async def start(self) -> None: ...
 
@@ -44,6 +45,7 @@ class NoSink:
     """`usage.sink: none`: records are not kept (nothing is built for them)."""
 
     name = "none"
+    can_refuse = False
 
     async def start(self) -> None:
         return None
@@ -66,6 +68,7 @@ class FileSink:
     becomes `path.1` (`path.1` becomes `path.2`, ... up to `backups`) and a new file starts."""
 
     name = "file"
+    can_refuse = False
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         self.path = path
