@@ -193,7 +193,7 @@ class KafkaSink:
         assert self._producer is not None
         try:
             self._producer.produce(self._topic, value=payload, key=key, headers=HEADERS,
-                                   on_delivery=partial(self._delivered, self._generation, seq, time.perf_counter()))
+                                   on_delivery=partial(self._delivered, self._generation, seq))
         except BufferError:
             self.spool.set_waiting(seq)
             self._pause("the producer's queue is full")
@@ -212,15 +212,16 @@ class KafkaSink:
             return False
         return True
 
-    def _delivered(self, generation: int, seq: int, started: float, error: KafkaError | None, message: Any) -> None:
+    def _delivered(self, generation: int, seq: int, error: KafkaError | None, message: Any) -> None:
         if generation != self._generation:
             return
         if error is None:
             self.spool.ack(seq)
             self._acked += 1
-            self._publish_seconds.observe(time.perf_counter() - started)
+            self._publish_seconds.observe(message.latency() or 0.0)  # from produce() to the broker's ack
             self._backoff = self._base_backoff
-            self._mark_up(True)
+            if not self.kafka_up:
+                self._mark_up(True)
             return
         code = error.code()
         reason = PERMANENT.get(code)

@@ -36,7 +36,7 @@ import struct
 import time
 import zlib
 from array import array
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +71,15 @@ class SpoolLocked(OSError):
 
 def frame(payload: bytes) -> bytes:
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass(eq=False)
+class _Run:
+    """Frames appended one after another to one segment, not written yet: one write()."""
+
+    segment: Segment
+    data: bytearray = field(default_factory=bytearray)
+    count: int = 0
 
 
 def segment_name(first: int) -> str:
@@ -169,7 +178,8 @@ class Segment:
 class _Written:
     """What one writer batch achieved."""
 
-    frames: int = 0                            # frames of the batch on disk, in order
+    runs: int = 0                              # runs of the batch on disk, in order
+    frames: int = 0                            # the frames they hold
     error: OSError | None = None               # why the others are not
     housekeeping_error: OSError | None = None  # deleting segments or the checkpoint failed
 
@@ -204,7 +214,7 @@ class Spool:
         self._firsts: list[int] = []
         self._next_seq = 0
         self._bytes = 0
-        self._pending: list[tuple[Segment, bytes]] = []
+        self._pending: list[_Run] = []
         self._doomed: list[Path] = []
         self._batch: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
@@ -221,21 +231,30 @@ class Spool:
 
     def append(self, payload: bytes, state: int) -> int:
         """Spools one record (written by the next batch) and returns its sequence."""
-        data = frame(payload)
+        size = FRAME.size + len(payload)
         if self.on_full == "drop_oldest":
-            self._drop_oldest_for(len(data))
+            self._drop_oldest_for(size)
         segment = self._segments[-1] if self._segments else None
-        if segment is None or segment.sealed or (segment.count and segment.size + len(data) > self.segment_bytes) or segment.count and segment.done == segment.count and time.monotonic() - segment.created > IDLE_ROLL_SECONDS:
+        if (segment is None or segment.sealed or (segment.states and segment.size + size > self.segment_bytes)
+                or (segment.states and segment.done == len(segment.states)
+                    and time.monotonic() - segment.created > IDLE_ROLL_SECONDS)):
             segment = self._new_segment()
-        seq = segment.first + segment.count
-        segment.states.append(state)
+        states = segment.states
+        seq = segment.first + len(states)
+        states.append(state)
         segment.times.append(time.time())
         if state == WAITING:
             segment.waiting += 1
-        segment.size += len(data)
-        self._bytes += len(data)
+        segment.size += size
+        self._bytes += size
         self._next_seq = seq + 1
-        self._pending.append((segment, data))
+        run = self._pending[-1] if self._pending else None
+        if run is None or run.segment is not segment:
+            run = _Run(segment)
+            self._pending.append(run)
+        run.data += FRAME.pack(len(payload), zlib.crc32(payload))
+        run.data += payload
+        run.count += 1
         if not self._wake.is_set():
             self._wake.set()
         if self._bytes >= self.max_bytes or self._was_full:
@@ -394,7 +413,7 @@ class Spool:
             lost = oldest.count - oldest.done
             del self._segments[0], self._firsts[0]
             self._bytes -= oldest.size
-            self._pending = [(s, d) for s, d in self._pending if s is not oldest]
+            self._pending = [run for run in self._pending if run.segment is not oldest]
             self._doomed.append(oldest.path)
             if lost:
                 USAGE_RECORDS_DROPPED.labels("spool_full").inc(lost)
@@ -443,8 +462,8 @@ class Spool:
             acked_below = self.acked_below()
             checkpoint = acked_below if acked_below != self._checkpointed else None
         result = await asyncio.to_thread(self._write, batch, doomed, checkpoint)
-        for segment, _ in batch[:result.frames]:
-            segment.written += 1
+        for run in batch[:result.runs]:
+            run.segment.written += run.count
         USAGE_RECORDS_BUFFERED.inc(result.frames)
         if result.housekeeping_error is not None:
             self._doomed = doomed + self._doomed  # deleted (or checkpointed) on the next flush
@@ -452,7 +471,7 @@ class Spool:
         elif checkpoint is not None and result.error is None:
             self._checkpointed, self._checkpointed_at = checkpoint, time.monotonic()
         if result.error is not None:
-            self._pending = batch[result.frames:] + self._pending  # what is on disk is never written twice
+            self._pending = batch[result.runs:] + self._pending  # what is on disk is never written twice
             if done is not None:  # its records are written with the next batch
                 if self._batch is None:
                     self._batch = done
@@ -470,7 +489,7 @@ class Spool:
             log.info("usage spool writes again")
             self.write_error = ""
             self._check_full()
-        for segment in {id(s): s for s, _ in batch}.values():
+        for segment in {id(run.segment): run.segment for run in batch}.values():
             if segment.sealed and segment.done == segment.count and segment in self._segments:
                 self._retire(segment)
         last = self._segments[-1] if self._segments else None
@@ -480,23 +499,24 @@ class Spool:
         if done is not None and not done.done():
             done.set_result(None)
 
-    def _write(self, batch: list[tuple[Segment, bytes]], doomed: list[Path], checkpoint: int | None) -> _Written:
+    def _write(self, batch: list[_Run], doomed: list[Path], checkpoint: int | None) -> _Written:
         """Worker thread: append and fsync the batch's frames in order, then delete retired
         segments and write the checkpoint. A failed append is rolled back to the last whole
         frame, so a retry never leaves a half frame or a frame twice on disk."""
         result = _Written()
         try:
-            for segment, data, count in _runs(batch):
-                fd = self._open(segment)
+            for run in batch:
+                fd = self._open(run.segment)
                 start = os.fstat(fd).st_size
                 try:
-                    _write_all(fd, data)
+                    _write_all(fd, run.data)
                     os.fsync(fd)
                 except OSError:
                     with contextlib.suppress(OSError):
                         os.ftruncate(fd, start)
                     raise
-                result.frames += count
+                result.runs += 1
+                result.frames += run.count
         except OSError as exc:
             result.error = exc
             return result
@@ -558,23 +578,7 @@ class Spool:
                 f"bytes={self._bytes}>")
 
 
-def _runs(batch: list[tuple[Segment, bytes]]) -> Iterator[tuple[Segment, bytes, int]]:
-    """Consecutive frames of the same segment, joined, with their count."""
-    current: Segment | None = None
-    parts: list[bytes] = []
-    for segment, data in batch:
-        if segment is not current and parts:
-            assert current is not None
-            yield current, b"".join(parts), len(parts)
-            parts = []
-        current = segment
-        parts.append(data)
-    if parts:
-        assert current is not None
-        yield current, b"".join(parts), len(parts)
-
-
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     """os.write until everything is written (a short write is followed by the real error)."""
     view = memoryview(data)
     while view:
