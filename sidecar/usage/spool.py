@@ -18,10 +18,17 @@ Each record is WAITING (on disk, Kafka has not got it), IN_FLIGHT (the producer 
 records are DONE; the checkpoint keeps restarts from resending acknowledged records of the
 segments that remain (a few may be sent twice: consumers dedupe on `event_id`).
 
-Durability: the writer task appends and fsyncs what has gathered, in a worker thread, every
-`fsync_interval` seconds (`interval`) or as soon as anything waits (`strict`: the records
-that arrive during one fsync share the next one, a group commit). `durable()` is the future of
-the batch a record will be written in.
+Durability: the writer task takes what has gathered every `fsync_interval` seconds
+(`interval`) or as soon as anything waits (`strict`), appends it to the segment file on the
+event loop (a write() into the page cache: microseconds), and hands the fsync to the spool's
+sync thread, so the loop never waits for the disk. Under `strict` the writer waits for that
+fsync before it writes again: the records that arrive meanwhile share the next one (a group
+commit). `durable()` is the future of the batch a record will be written in; it resolves when
+that batch's fsync has succeeded.
+
+The owner may queue records itself and append them when the writer asks (`source`): the Kafka
+sink does, so that the call path only queues a record and the framing, spooling and producing
+run once per batch.
 """
 from __future__ import annotations
 
@@ -32,12 +39,15 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import struct
+import threading
 import time
 import zlib
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,6 +188,9 @@ class Segment:
 class _Written:
     """What one writer batch achieved."""
 
+    fds: list[int] = field(default_factory=list)  # files appended to: they need an fsync
+    directory: bool = False                    # a segment file was created: the directory too
+    closes: list[int] = field(default_factory=list)  # files to close once they are fsynced
     runs: int = 0                              # runs of the batch on disk, in order
     frames: int = 0                            # the frames they hold
     error: OSError | None = None               # why the others are not
@@ -207,8 +220,8 @@ class Spool:
         # drop_oldest must be able to drop a part of the spool, never all of it at once
         self.segment_bytes = max(4096, min(segment_bytes, max_bytes // 8))
         self.recovery = Recovery()
-        self.write_error = ""
         self.on_change: Any = None              # called when `full` or `write_error` changes
+        self.source: Callable[[], None] | None = None  # appends what the owner queued (see module doc)
         self._lock_fd = lock_fd
         self._segments: list[Segment] = []
         self._firsts: list[int] = []
@@ -220,7 +233,11 @@ class Spool:
         self._wake = asyncio.Event()
         self._tasks = Tasks()
         self._writer: asyncio.Task[None] | None = None
-        self._files: dict[Path, int] = {}       # open segment files (writer thread only)
+        self._files: dict[Path, int] = {}       # open segment files
+        self._write_failure = ""                # why the last append failed ("" = it did not)
+        self._sync_failure = ""                 # why the last fsync failed
+        self._resync = False                    # an fsync failed: sync the open file again
+        self._syncer = _Syncer(directory, self._sync_state)
         self._flush_lock = asyncio.Lock()
         self._checkpointed = -1
         self._checkpointed_at = 0.0
@@ -260,6 +277,11 @@ class Spool:
         if self._bytes >= self.max_bytes or self._was_full:
             self._check_full()
         return seq
+
+    def wake(self) -> None:
+        """There is something to write (the owner queued records for `source`)."""
+        if not self._wake.is_set():
+            self._wake.set()
 
     def durable(self) -> asyncio.Future[None]:
         """Resolves when what has been appended so far is fsynced (strict durability waits on it)."""
@@ -328,6 +350,11 @@ class Spool:
     @property
     def full(self) -> bool:
         return self._bytes >= self.max_bytes
+
+    @property
+    def write_error(self) -> str:
+        """Why the disk refuses the spool's writes or fsyncs ("" while it does not)."""
+        return self._write_failure or self._sync_failure
 
     @property
     def refusing(self) -> bool:
@@ -443,16 +470,19 @@ class Spool:
                 await asyncio.wait_for(self._wake.wait(), CHECKPOINT_SECONDS)
             except TimeoutError:
                 pass
-            if self.durability == "interval" and self._pending and not self._closing:
+            if self.durability == "interval" and self._wake.is_set() and not self._closing:
                 await asyncio.sleep(self.fsync_interval)
             await self.flush()
 
     async def flush(self) -> None:
-        """Writes and fsyncs what is pending, deletes retired segments, updates the checkpoint."""
+        """Appends what is pending and has it fsynced (under `strict`, waits for the fsync),
+        deletes retired segments, updates the checkpoint."""
         async with self._flush_lock:
             await self._flush()
 
     async def _flush(self) -> None:
+        if self.source is not None:
+            self.source()
         self._wake.clear()
         batch, self._pending = self._pending, []
         done, self._batch = self._batch, None
@@ -461,7 +491,7 @@ class Spool:
         if self._closing or time.monotonic() - self._checkpointed_at >= CHECKPOINT_SECONDS:
             acked_below = self.acked_below()
             checkpoint = acked_below if acked_below != self._checkpointed else None
-        result = await asyncio.to_thread(self._write, batch, doomed, checkpoint)
+        result = self._write(batch, doomed, checkpoint)
         for run in batch[:result.runs]:
             run.segment.written += run.count
         USAGE_RECORDS_BUFFERED.inc(result.frames)
@@ -472,22 +502,20 @@ class Spool:
             self._checkpointed, self._checkpointed_at = checkpoint, time.monotonic()
         if result.error is not None:
             self._pending = batch[result.runs:] + self._pending  # what is on disk is never written twice
-            if done is not None:  # its records are written with the next batch
-                if self._batch is None:
-                    self._batch = done
-                else:
-                    self._batch.add_done_callback(lambda _f: done.done() or done.set_result(None))
+            self._syncer.sync(result.fds, result.directory, None)  # what was appended before the error
+            self._syncer.close_all(result.closes)
+            self._carry(done)
             exc = result.error
-            if not self.write_error:
+            if not self._write_failure:
                 log.error("usage spool write failed; retrying", extra={"error": str(exc)})
-            self.write_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            self._write_failure = f"{type(exc).__name__}: {exc.strerror or exc}"
             self._check_full()
             await asyncio.sleep(WRITE_RETRY_SECONDS)
             self._wake.set()
             return
-        if self.write_error:
+        if self._write_failure:
             log.info("usage spool writes again")
-            self.write_error = ""
+            self._write_failure = ""
             self._check_full()
         for segment in {id(run.segment): run.segment for run in batch}.values():
             if segment.sealed and segment.done == segment.count and segment in self._segments:
@@ -496,25 +524,81 @@ class Spool:
         if (last is not None and last.count and last.done == last.count and last.written == last.count
                 and time.monotonic() - last.created > IDLE_ROLL_SECONDS):
             self._retire(last)  # an idle, settled segment: the next record starts a new one
-        if done is not None and not done.done():
-            done.set_result(None)
+        await self._sync(result, done)
+
+    async def _sync(self, result: _Written, done: asyncio.Future[None] | None) -> None:
+        """Has what `_write` appended fsynced; `done` resolves when it is."""
+        if self._resync:
+            result.fds.extend(self._files.values())
+            result.directory = True
+        if not result.fds and not result.directory:
+            self._syncer.close_all(result.closes)
+            if done is not None and not done.done():
+                done.set_result(None)  # nothing of it needed writing
+            return
+        self._resync = False
+        if done is None and self.durability == "interval":
+            self._syncer.sync(result.fds, result.directory, None)
+            self._syncer.close_all(result.closes)
+            return
+        finished: asyncio.Future[OSError | None] = asyncio.get_running_loop().create_future()
+        self._syncer.sync(result.fds, result.directory, finished)
+        self._syncer.close_all(result.closes)
+        if self.durability == "strict":
+            error = await finished
+            self._synced(error, done)
+        else:
+            finished.add_done_callback(lambda f: self._synced(f.result(), done))
+
+    def _synced(self, error: OSError | None, done: asyncio.Future[None] | None) -> None:
+        if error is None:
+            if done is not None and not done.done():
+                done.set_result(None)
+            return
+        self._carry(done)  # resolved by a later fsync that succeeds
+        self._resync = True
+        self._wake.set()
+
+    def _carry(self, done: asyncio.Future[None] | None) -> None:
+        """The batch behind `done` was not made durable: it resolves with the next batch."""
+        if done is None:
+            return
+        if self._batch is None:
+            self._batch = done
+        else:
+            self._batch.add_done_callback(partial(_follow, done))
+
+    def _sync_state(self, error: OSError | None) -> None:
+        """From the sync thread (on the loop): an fsync failed, or succeeds again after one did."""
+        if error is not None:
+            if not self._sync_failure:
+                log.error("usage spool fsync failed: records appended since the last good fsync may not be on "
+                          "disk; retrying", extra={"error": str(error)})
+            self._sync_failure = f"{type(error).__name__}: {error.strerror or error}"
+            self._resync = True
+            self._wake.set()
+        elif self._sync_failure:
+            log.info("usage spool fsyncs again")
+            self._sync_failure = ""
+        self._check_full()
 
     def _write(self, batch: list[_Run], doomed: list[Path], checkpoint: int | None) -> _Written:
-        """Worker thread: append and fsync the batch's frames in order, then delete retired
-        segments and write the checkpoint. A failed append is rolled back to the last whole
-        frame, so a retry never leaves a half frame or a frame twice on disk."""
+        """Appends the batch's frames in order (no fsync: the sync thread does that), then
+        deletes retired segments and writes the checkpoint. A failed append is rolled back to
+        the last whole frame, so a retry never leaves a half frame or a frame twice on disk."""
         result = _Written()
         try:
             for run in batch:
-                fd = self._open(run.segment)
+                fd = self._open(run.segment, result)
                 start = os.fstat(fd).st_size
                 try:
                     _write_all(fd, run.data)
-                    os.fsync(fd)
                 except OSError:
                     with contextlib.suppress(OSError):
                         os.ftruncate(fd, start)
                     raise
+                if fd not in result.fds:
+                    result.fds.append(fd)
                 result.runs += 1
                 result.frames += run.count
         except OSError as exc:
@@ -524,7 +608,7 @@ class Spool:
             for path in doomed:
                 fd = self._files.pop(path, -1)
                 if fd >= 0:
-                    os.close(fd)
+                    result.closes.append(fd)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             if checkpoint is not None:
@@ -535,19 +619,19 @@ class Spool:
             result.housekeeping_error = exc
         return result
 
-    def _open(self, segment: Segment) -> int:
-        """The segment's file for appending (writer thread); a new file gets its header first."""
+    def _open(self, segment: Segment, result: _Written) -> int:
+        """The segment's file for appending; a new file gets its header first (and the
+        directory an fsync, with the batch's)."""
         fd = self._files.get(segment.path)
         if fd is not None:
             return fd
         for path in list(self._files):  # the writer appends to one segment at a time
-            os.close(self._files.pop(path))
+            result.closes.append(self._files.pop(path))
         fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if os.fstat(fd).st_size == 0:
                 _write_all(fd, HEADER.pack(MAGIC, segment.first))
-                os.fsync(fd)
-                fsync_dir(self.directory)
+                result.directory = True
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
@@ -557,7 +641,7 @@ class Spool:
         return fd
 
     async def aclose(self) -> None:
-        """Writes what is pending and releases the directory."""
+        """Writes and fsyncs what is pending and releases the directory."""
         self._closing = True
         self._wake.set()
         await self._tasks.aclose(timeout=5.0)
@@ -568,14 +652,95 @@ class Spool:
             await self.flush()
             if not self._pending:
                 break
-        for fd in self._files.values():
-            os.close(fd)
+        self._syncer.close_all(list(self._files.values()))
         self._files.clear()
+        await asyncio.to_thread(self._syncer.stop)
         os.close(self._lock_fd)
 
     def __repr__(self) -> str:
         return (f"<Spool {self.directory} segments={len(self._segments)} unsettled={self.unsettled()} "
                 f"bytes={self._bytes}>")
+
+
+class _Syncer:
+    """The spool's fsync thread. It runs what it is asked in order: fsync files (and the
+    directory), close files. Asks that pile up while the disk is slow are served together, so
+    a file is fsynced once for all of them. It reports to the loop only when someone waits for
+    an fsync, or when fsyncs start or stop failing."""
+
+    def __init__(self, directory: Path, on_state: Callable[[OSError | None], None]) -> None:
+        self._directory = directory
+        self._on_state = on_state
+        self._asks: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def sync(self, fds: list[int], directory: bool, finished: asyncio.Future[OSError | None] | None) -> None:
+        """On the loop. The thread starts with the first ask."""
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="spool-sync", daemon=True)
+            self._thread.start()
+        self._asks.put(("sync", fds, directory, finished))
+
+    def close_all(self, fds: list[int]) -> None:
+        """Closes the files after every fsync asked before (at once if the thread never ran)."""
+        for fd in fds:
+            if self._thread is None:
+                os.close(fd)
+            else:
+                self._asks.put(("close", fd))
+
+    def stop(self) -> None:
+        """Blocking: serves what was asked, then ends the thread."""
+        if self._thread is not None:
+            self._asks.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        failing = False
+        while True:
+            asks = [self._asks.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    asks.append(self._asks.get_nowait())
+            synced: set[int] = set()
+            error: OSError | None = None
+            for ask in asks:
+                if ask is None:
+                    return
+                if ask[0] == "close":
+                    synced.discard(ask[1])
+                    with contextlib.suppress(OSError):
+                        os.close(ask[1])
+                    continue
+                _, fds, directory, finished = ask
+                failed: OSError | None = None
+                try:
+                    for fd in fds:
+                        if fd not in synced:
+                            os.fsync(fd)
+                            synced.add(fd)
+                    if directory:
+                        fsync_dir(self._directory)
+                except OSError as exc:
+                    failed = error = exc
+                if finished is not None:
+                    self._loop.call_soon_threadsafe(_resolve, finished, failed)
+            if error is not None or failing:
+                failing = error is not None
+                self._loop.call_soon_threadsafe(self._on_state, error)
+
+
+def _follow(done: asyncio.Future[None], _batch: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _resolve(future: asyncio.Future[OSError | None], error: OSError | None) -> None:
+    if not future.done():
+        future.set_result(error)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

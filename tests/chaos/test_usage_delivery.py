@@ -103,6 +103,7 @@ def test_records_made_while_kafka_is_down_at_start_arrive_when_it_starts(
     request_ids = [f"down-at-start-{i}" for i in range(40)]
     for request_id in request_ids:
         call(sidecar, request_id)
+    wait_until(lambda: usage_component(sidecar)["queued"] == 0, 5, what="every record spooled")
     component = usage_component(sidecar)
     assert component["kafka"] == "down" and component["status"] == "degraded"
     assert component["spool"]["records"] == len(request_ids)

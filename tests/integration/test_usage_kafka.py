@@ -338,6 +338,8 @@ def test_drop_oldest_keeps_serving_and_loses_only_the_oldest_records(
             assert try_call(infer, request_id) is None, f"call {i} failed"
             if i % 25 == 0:
                 largest = max(largest, usage_component(sidecar)["spool"]["bytes"])
+    # the last calls' records are spooled with the writer's next batch
+    wait_until(lambda: usage_component(sidecar)["queued"] == 0, 5, what="every record spooled")
     spool = usage_component(sidecar)["spool"]
     largest = max(largest, spool["bytes"])
     assert largest <= MAX_SPOOL + SEGMENT_HEADER_BYTES, largest
