@@ -273,6 +273,49 @@ async def test_strict_durability_group_commits(tmp_path: Path, spools: SpoolFact
     assert scan_segment(segment_paths(tmp_path)[0]).payloads == payloads
 
 
+async def test_one_batch_across_several_segments_is_written_and_durable(
+        tmp_path: Path, spools: SpoolFactory) -> None:
+    # one flush appends to several segment files, switching files (and closing the earlier
+    # ones in the sync thread) within the batch
+    spool = spools(tmp_path, durability="strict", segment_bytes=4096)
+    spool.start()
+    payloads = [record(i) for i in range(60)]
+    spool.append(payloads[0], WAITING)
+    await asyncio.wait_for(spool.durable(), 5)  # the sync thread runs from here on
+    for payload in payloads[1:]:
+        spool.append(payload, WAITING)
+    await asyncio.wait_for(spool.durable(), 5)
+    assert spool.write_error == ""
+    paths = segment_paths(tmp_path)
+    assert len(paths) >= 4
+    assert [p for path in paths for p in scan_segment(path).payloads] == payloads
+    await close(spool)
+    assert sorted(await replay(spools(tmp_path))) == list(range(60))
+
+
+async def test_the_owner_queues_records_and_the_writer_takes_them_with_its_batch(
+        tmp_path: Path, spools: SpoolFactory) -> None:
+    spool = spools(tmp_path, durability="strict")
+    queued = [record(i) for i in range(5)]
+    seqs: list[int] = []
+
+    def source() -> None:
+        while queued:
+            seqs.append(spool.append(queued.pop(0), WAITING))
+
+    spool.source = source
+    spool.start()
+    spool.wake()
+    await asyncio.wait_for(spool.durable(), 5)
+    assert seqs == list(range(5)) and not queued
+    (path,) = segment_paths(tmp_path)
+    assert len(scan_segment(path).payloads) == 5
+    queued.append(record(5))
+    await close(spool)  # closing takes what is still queued, too
+    assert seqs == list(range(6))
+    assert sorted(await replay(spools(tmp_path))) == list(range(6))
+
+
 # --- capacity -------------------------------------------------------------------------------------
 
 async def test_reject_refuses_when_full_and_recovers_after_acks(tmp_path: Path, spools: SpoolFactory) -> None:
