@@ -38,6 +38,9 @@ from sidecar.routing.health_checks import HealthChecker
 from sidecar.routing.router import Router
 from sidecar.server import SERVICE, InferenceHandlers, InFlight
 from sidecar.tasks import Tasks
+from sidecar.telemetry.build import build_info
+from sidecar.telemetry.grpc_server import ObservedServer
+from sidecar.telemetry.metrics import BUILD_INFO
 from sidecar.usage.audit import AuditStore, MemoryAudit, RedisAudit
 from sidecar.usage.dlq import DeadLetters
 from sidecar.usage.kafka_sink import KafkaSink
@@ -64,6 +67,7 @@ class Listeners:
 class Sidecar:
     def __init__(self, config: Config, version: str) -> None:
         self.config = config
+        BUILD_INFO.labels(**build_info()).set(1)
         self.health = Health(version)
         self.in_flight = InFlight()
         self.channels = Channels(config)
@@ -89,7 +93,7 @@ class Sidecar:
         self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage, self.audit)
         self.listeners = Listeners()
         self._server = self._grpc_server()
-        self._admin = self._grpc_server(AdminAuth(lambda: self.config))
+        self._admin = self._grpc_server(ObservedServer(), AdminAuth(lambda: self.config))
         self._ops = OpsServer(self.health)
         self._stopped = asyncio.Event()
 

@@ -23,6 +23,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code or 0)
 
 
+def _version(_args: argparse.Namespace) -> int:
+    from sidecar.telemetry.build import build_info
+
+    print(json.dumps(build_info()))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description="gRPC routing sidecar for model inference")
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
@@ -41,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file (exit 0, or 2 with one line per error)")
     check.add_argument("file")
     check.set_defaults(handler=_check_config)
+
+    version = sub.add_parser("version", help="print the version, git commit and build time (JSON)")
+    version.set_defaults(handler=_version)
 
     hash_key = sub.add_parser("hash-key", help="print the sha256: form of an API key or admin token")
     hash_key.add_argument("key")

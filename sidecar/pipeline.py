@@ -18,6 +18,7 @@ from sidecar.stages.auth import Authenticate
 from sidecar.stages.limits import Limits
 from sidecar.stages.route import PickBackend, ResolveModel
 from sidecar.stages.usage import RecordUsage, UsageCapacity
+from sidecar.telemetry.grpc_server import ObserveInference
 from sidecar.usage.audit import AuditStore
 from sidecar.usage.sinks import UsageSink
 
@@ -66,4 +67,6 @@ def build_pipeline(config: Callable[[], Config], router: Router, limit_store: Li
         limits.finish,
         # 2. the usage and audit records, for every call that passed authentication
         RecordUsage(usage, audit),
+        # 3. grpc_server_handled_total / grpc_server_handling_seconds, for every call
+        ObserveInference(),
     ])

@@ -13,7 +13,8 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from sidecar import __version__
+from sidecar.telemetry.build import build_info
+from sidecar.telemetry.grpc_server import ObservedHealthServicer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -36,7 +37,7 @@ class Health:
 
     def servicer(self) -> HealthServicer:
         """A servicer for one gRPC server; every servicer follows the same state."""
-        servicer = HealthServicer()
+        servicer = ObservedHealthServicer()
         self.servicers.append(servicer)
         return servicer
 
@@ -69,7 +70,7 @@ class Health:
         }
 
     def liveness_body(self) -> dict[str, Any]:
-        return {"status": "ok", "version": __version__}
+        return {"status": "ok", **build_info()}
 
     def readiness_body(self) -> dict[str, Any]:
         return {"status": "ready" if self.ready else "not_ready", "components": self.components()}

@@ -48,8 +48,8 @@ USAGE_RECORDS_PUBLISHED = Counter(
     ["sink"])
 USAGE_PUBLISH_SECONDS = Histogram(
     "api_router_usage_records_publish_duration_seconds",
-    "From handing a usage record to its sink to the sink having it for good (kafka: the broker's ack; "
-    "file: the write).", ["sink"],
+    "Time to publish a usage record for good (kafka: from the producer taking it to the broker's ack; "
+    "file: from the call's end to the write).", ["sink"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 USAGE_RECORDS_BUFFERED = Counter(
     "api_router_usage_records_buffered", "Usage records appended to the write-ahead spool.")
@@ -78,3 +78,18 @@ KAFKA_PRODUCER_REBUILDS = Counter(
     "api_router_usage_producer_rebuilds", "Kafka producers replaced after a fatal or stuck state.", ["cause"])
 KAFKA_UP = Gauge(
     "api_router_usage_kafka_up", "1 while the usage producer has a connection to a Kafka broker, else 0.")
+
+# --- gRPC server (the go-grpc-prometheus names, for every service the sidecar serves) ------------
+GRPC_TYPES = ("unary", "server_stream", "client_stream", "bidi_stream")
+GRPC_SERVER_HANDLED = Counter(
+    "grpc_server_handled", "RPCs completed on the server, by status code.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"])
+GRPC_SERVER_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds", "Time from the start of an RPC to its status, on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    # sub-millisecond (health, refusals) up to multi-second inference streams
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+
+# --- the build ----------------------------------------------------------------------------------
+BUILD_INFO = Gauge(
+    "sidecar_build_info", "Always 1; the labels say which build runs.", ["version", "commit", "build_time"])
