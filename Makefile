@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install protos bench lint clean
+.PHONY: demo test install tools protos bench lint clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,19 +15,20 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
+tools:
+	bash scripts/system_tools.sh
+
 demo: $(STAMP)
 	$(BIN)/sidecar demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 	$(BIN)/pip install --quiet -e ./clients/python
 
-bench: $(STAMP)
-	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client) \
-		|| echo "no h2load: bench/ falls back to its Python load generator"
+bench: $(STAMP) tools
 	$(BIN)/python bench/run.py
 
 lint: $(STAMP)

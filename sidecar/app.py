@@ -4,8 +4,15 @@ Shutdown order (SIGTERM/SIGINT): readiness NOT_SERVING at once (Watch streams se
 inference calls refused -> in-flight calls get `shutdown.grace_ms` to finish -> servers stop
 (cancelling what is left, health watches included) -> the last settlements of limits and
 budgets finish -> usage records: Kafka gets a few seconds for what it has not acknowledged
-(what is left stays in the spool for the next start) -> the limit store, ops listener and
-backend channels close.
+(what is left stays in the spool for the next start) -> the last access lines and spans go out
+-> the limit store, ops listener and backend channels close.
+
+Config reload (SIGHUP, or a change of the file `sidecar run --config` names, polled every
+second): the new file is validated, and keys that need a restart are refused, before anything
+changes; a valid config is swapped in one synchronous step (calls already admitted finish under
+the old one), channels and health checks follow its backends, and removed backends' channels
+drain. An invalid one is logged (`config reload rejected`, one key path per problem) and the
+old config keeps serving. Counted in `api_router_config_reloads_total{result}`.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
 from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
-from sidecar.config import Config
+from sidecar.config import Config, ConfigError
 from sidecar.limits.guarded import GuardedStore
 from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.limits.redis_store import RedisLimitStore
@@ -33,6 +40,7 @@ from sidecar.ops.admin_service import AuditService, RoutingAdmin
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
+from sidecar.reload import check_reload, describe_changes, read_config_text, watch_file
 from sidecar.routing.channels import Channels, message_options
 from sidecar.routing.health_checks import HealthChecker
 from sidecar.routing.router import Router
@@ -40,7 +48,9 @@ from sidecar.server import SERVICE, InferenceHandlers, InFlight
 from sidecar.tasks import Tasks
 from sidecar.telemetry.build import build_info
 from sidecar.telemetry.grpc_server import ObservedServer
-from sidecar.telemetry.metrics import BUILD_INFO
+from sidecar.telemetry.logging import AccessLog
+from sidecar.telemetry.metrics import BUILD_INFO, CONFIG_RELOAD_RESULTS, CONFIG_RELOADS
+from sidecar.telemetry.tracing import Tracer
 from sidecar.usage.audit import AuditStore, MemoryAudit, RedisAudit
 from sidecar.usage.dlq import DeadLetters
 from sidecar.usage.kafka_sink import KafkaSink
@@ -65,8 +75,12 @@ class Listeners:
 
 
 class Sidecar:
-    def __init__(self, config: Config, version: str) -> None:
+    def __init__(self, config: Config, version: str, config_path: str | Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # what reloads read; None: no reloads (e.g. `sidecar demo`)
+        self._rejected_version: str | None = None  # the file's last rejected content
+        for result in CONFIG_RELOAD_RESULTS:
+            CONFIG_RELOADS.labels(result)
         BUILD_INFO.labels(**build_info()).set(1)
         self.health = Health(version)
         self.in_flight = InFlight()
@@ -90,7 +104,10 @@ class Sidecar:
         if isinstance(self.usage, KafkaSink):
             self.usage.spool.on_change = self._routes_changed
         self.audit = audit_store(config)
-        self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage, self.audit)
+        self.tracer = Tracer(lambda: self.config)
+        self.access_log = AccessLog(lambda: self.config)
+        self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage, self.audit,
+                                       self.tracer, self.access_log)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server(ObservedServer(), AdminAuth(lambda: self.config))
@@ -114,7 +131,7 @@ class Sidecar:
 
     async def start(self) -> None:
         await self.usage.start()  # replays what an earlier run left in the spool
-        handlers = InferenceHandlers(self.pipeline, self.in_flight, self.router)
+        handlers = InferenceHandlers(self.pipeline, self.in_flight, self.router, self.tracer.sampling)
         self._server.add_registered_method_handlers(SERVICE, handlers.method_handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._admin)
@@ -137,6 +154,10 @@ class Sidecar:
         if self.config.overrides.store == "redis":
             self.tasks.spawn(self._sync_overrides(), name="overrides-sync")
         self.health_checker.start()
+        if self.config_path is not None:
+            self.tasks.spawn(watch_file(self.config_path, lambda: self.reload("file")), name="config-watch")
+        if self.tracer.enabled:
+            self.tasks.spawn(self.tracer.run(), name="trace-export")
         await self.health.mark_started()
         log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,
                                          "ops_listen": self.listeners.ops_listen,
@@ -163,6 +184,8 @@ class Sidecar:
         await self.limit_store.aclose()  # sends the settlements of the calls that just ended
         await self.usage.aclose()  # writes the records of the calls that just ended
         await self.audit.aclose()
+        self.access_log.flush()
+        await self.tracer.aclose()  # a last export of the spans of the calls that just ended
         await self._ops.aclose()
         await self.channels.aclose()
         log.info("stopped", extra={"clean": finished})
@@ -173,11 +196,71 @@ class Sidecar:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await stop.wait()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await self.stop()
+
+    def reload(self, trigger: str = "signal") -> str:
+        """Reads the config file again and applies it when it is valid (SIGHUP: `signal`; a
+        change of the file: `file`). Synchronous on the event loop, so reloads run one at a time
+        and no call sees half of one. Returns the result it counted, or `ignored`."""
+        if self.config_path is None or not self.health.started or self._stopped.is_set():
+            log.warning("config reload ignored", extra={"trigger": trigger, "reason": "no config file"
+                        if self.config_path is None else "starting or stopping"})
+            return "ignored"
+        try:
+            result = self._reload(self.config_path, trigger)
+        except Exception:  # a bug must not take the reload triggers down with it
+            log.exception("config reload failed", extra={"trigger": trigger})
+            result = "failure"
+        if result in CONFIG_RELOAD_RESULTS:
+            CONFIG_RELOADS.labels(result).inc()
+        return result
+
+    def _reload(self, path: str | Path, trigger: str) -> str:
+        """The same content as the running config is `unchanged`; the file trigger leaves it
+        uncounted (it also fires when only the file's stamp moved, e.g. a ConfigMap update of
+        another key) and skips the content it rejected last, which was logged then; SIGHUP always
+        validates again."""
+        running = self.health.config_version
+        version: str | None = None
+        try:
+            text = read_config_text(path)
+            version = config_version(text)
+            if version == running or (trigger == "file" and version == self._rejected_version):
+                if trigger == "file":
+                    return "ignored"
+                log.info("config unchanged", extra={"trigger": trigger, "config_version": running})
+                return "unchanged"
+            config = check_reload(self.config, text)
+        except ConfigError as exc:
+            self._rejected_version = version
+            log.error("config reload rejected", extra={"trigger": trigger, "path": str(path),
+                                                       "problems": exc.problems, "config_version": running})
+            return "failure"
+        self._apply_config(config, version, trigger)
+        return "success"
+
+    def _apply_config(self, config: Config, version: str, trigger: str) -> None:
+        """Swaps a validated config in: routing follows its backends (what is known about those
+        that stay is kept), the rest of the runtime reads `self.config` on every call."""
+        old, old_version = self.config, self.health.config_version
+        removed = self.channels.reconfigure(config)
+        self.router.reconfigure(config, self.channels.backends)
+        self.health_checker.reconfigure(config.health_checks)
+        self.config, self.health.config_version, self._rejected_version = config, version, None
+        # a call started before the swap ends within its model's timeout: then its channel may go
+        grace = max(model.timeout_ms for model in old.models.values()) / 1000.0
+        for address, channel in removed.items():
+            self.tasks.spawn(self.channels.drain(address, channel, grace), name=f"drain-channel {address}")
+        self._routes_changed()
+        log.info("config reloaded", extra={"trigger": trigger, "old_version": old_version, "new_version": version,
+                                           **describe_changes(old, config)})
+        if config.auth is None and old.auth is not None:
+            log.warning("auth is not configured: every caller is accepted as org 'anonymous'")
 
 
 def limit_store(config: Config) -> LimitStore:

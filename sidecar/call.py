@@ -17,6 +17,14 @@ from google.protobuf.message import DecodeError
 from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest, InferResponse
 
 from sidecar.errors import invalid_request, missing_field
+from sidecar.telemetry.tracing import (
+    Span,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+    sampled_by_ratio,
+    traceparent,
+)
 
 if TYPE_CHECKING:
     from sidecar.config import ModelConfig
@@ -26,8 +34,9 @@ if TYPE_CHECKING:
     from sidecar.stages.limits import Reservation
 
 # Metadata the backend receives from the caller. Credentials (`authorization`, `x-api-key`)
-# and everything else stay behind: a backend sees the request, its id and its trace context.
-FORWARDED_METADATA = frozenset({"traceparent", "tracestate"})
+# and everything else stay behind: a backend sees the request, its id and its trace context
+# (`traceparent` is the sidecar's: see `begin_call`).
+FORWARDED_METADATA = frozenset({"tracestate"})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces, bounded
 
 
@@ -59,6 +68,11 @@ class Call:
     keep_usage_record: bool = True   # False: refused because the usage spool had no room for it
     status: str = "UNKNOWN"          # gRPC code name once the call ended
     reason: str = ""
+    trace_id: str = ""               # 32 hex digits: the caller's trace, or a new one
+    span_id: str = ""                # the call's server span (recorded only when sampled)
+    parent_span_id: str = ""         # the caller's span, from its traceparent
+    spans: list[Span] | None = None  # finished child spans; None when the call is not sampled
+    _usage: tuple[int, int] | None | bool = False  # reported_usage(), once read
 
     def parse(self) -> None:
         """Parses the request once; raises INVALID_REQUEST / MISSING_FIELD."""
@@ -83,13 +97,26 @@ class Call:
         self.decisions.append((stage, result, detail))
 
     def reported_usage(self) -> tuple[int, int] | None:
-        """(input, output) tokens the backend reported in its last message, if it did."""
-        if self.last_message is None:
-            return None
-        message = (InferChunk if self.streamed else InferResponse).FromString(self.last_message)
-        if not message.HasField("usage"):
-            return None
-        return message.usage.input_tokens, message.usage.output_tokens
+        """(input, output) tokens the backend reported in its last message, if it did (read once
+        the call has ended)."""
+        if self._usage is not False:
+            return self._usage  # type: ignore[return-value]
+        usage = None
+        if self.last_message is not None:
+            message = (InferChunk if self.streamed else InferResponse).FromString(self.last_message)
+            if message.HasField("usage"):
+                usage = message.usage.input_tokens, message.usage.output_tokens
+        if self.status != "UNKNOWN":
+            self._usage = usage
+        return usage
+
+    @property
+    def sampled(self) -> bool:
+        return self.spans is not None
+
+    def attempt_metadata(self, span_id: str) -> tuple[tuple[str, str], ...]:
+        """The metadata of a sampled call's backend attempt: its span is the backend's parent."""
+        return (*self.forward_metadata, ("traceparent", traceparent(self.trace_id, span_id, True)))
 
     def backend_timeout(self) -> float:
         """Seconds the backend may take: the caller's deadline capped by the model's timeout."""
@@ -107,12 +134,15 @@ class Call:
 
 
 def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes], ...],
-               time_remaining: float | None) -> Call:
+               time_remaining: float | None, sampling: float | None = None) -> Call:
     """Reads the caller's metadata into a new `Call`; the request itself is parsed by `parse()`.
 
     Kept apart so that even a request that fails to parse has its request id for the error.
+    `sampling` is the tracer's ratio (None: tracing is off). A sampled call sends each backend
+    attempt its own span as parent; any other call passes the caller's `traceparent` on as it
+    came, or, without one, a new trace id (unsampled) so that the backend's logs share it.
     """
-    request_id = api_key = None
+    request_id = api_key = parent = None
     forward: list[tuple[str, str]] = []
     for key, value in metadata:
         if key == "x-request-id":
@@ -124,12 +154,30 @@ def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes],
         elif key == "x-api-key":
             if isinstance(value, str):
                 api_key = value.strip()
+        elif key == "traceparent":
+            if isinstance(value, str):
+                parent = value
         elif key in FORWARDED_METADATA and isinstance(value, str):
             forward.append((key, value))
     if request_id is None:
         request_id = new_request_id()
     forward.append(("x-request-id", request_id))
-    return Call(method, raw, _EMPTY_REQUEST, request_id, api_key or None, tuple(forward), time_remaining)
+    context = parse_traceparent(parent) if parent is not None else None
+    if context is None:
+        trace_id, parent_span_id = new_trace_id(), ""
+        sampled = bool(sampling) and sampled_by_ratio(trace_id, sampling)  # type: ignore[arg-type]
+    else:
+        trace_id, parent_span_id, sampled = context
+        sampled = sampled and bool(sampling)  # ratio 0 samples nothing, whatever the caller asks
+    span_id = new_span_id()
+    if not sampled:
+        forward.append(("traceparent", parent if context is not None and parent is not None
+                        else traceparent(trace_id, span_id, False)))
+    call = Call(method, raw, _EMPTY_REQUEST, request_id, api_key or None, tuple(forward), time_remaining)
+    call.trace_id, call.span_id, call.parent_span_id = trace_id, span_id, parent_span_id
+    if sampled:
+        call.spans = []
+    return call
 
 
 _EMPTY_REQUEST = InferRequest()

@@ -56,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     hash_key.add_argument("key")
     hash_key.set_defaults(handler=lambda a: print(hash_secret(a.key)))
 
+    smoke = sub.add_parser("smoke", help="check a running sidecar end to end (defaults: `sidecar demo`); exit 1 "
+                                         "on any failure")
+    smoke.add_argument("--target", default="127.0.0.1:50051", metavar="HOST:PORT", help="the inference listener")
+    smoke.add_argument("--admin", default="127.0.0.1:50052", metavar="HOST:PORT", help="the admin listener")
+    smoke.add_argument("--ops", default="127.0.0.1:9464", metavar="HOST:PORT", help="the ops HTTP listener")
+    smoke.add_argument("--api-key", default="demo-key", help="an API key allowed to call --model")
+    smoke.add_argument("--admin-token", default="demo-admin")
+    smoke.add_argument("--model", default="chat")
+    smoke.add_argument("--skip-rate-limit", action="store_true",
+                       help="leave out the check that exhausts the caller's rate limit")
+    smoke.set_defaults(handler=_smoke)
+
     call = sub.add_parser("call", help="call a sidecar (or a backend) once and print the answer")
     call.add_argument("--target", required=True, metavar="HOST:PORT")
     call.add_argument("--model", required=True)
@@ -156,8 +168,13 @@ def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from sidecar.telemetry.logging import configure_logging
 
-    configure_logging()
-    return _with_config(args, lambda config: _serve(config, args.config))
+    configure_logging()  # JSON until the config says otherwise
+
+    def serve(config: Any) -> int:
+        configure_logging(log_format=config.telemetry.log_format)
+        return _serve(config, args.config)
+
+    return _with_config(args, serve)
 
 
 def _serve(config: Any, path: str) -> int:
@@ -167,7 +184,7 @@ def _serve(config: Any, path: str) -> int:
         version = config_version(f.read())
 
     async def serve() -> None:
-        await Sidecar(config, version).run_until_signalled()
+        await Sidecar(config, version, config_path=path).run_until_signalled()  # the path: for reloads
 
     try:
         run_async(serve)
@@ -188,6 +205,13 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.file}: ok")
     return 0
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    from sidecar.smoke import Options, run_smoke
+
+    return run_smoke(Options(target=args.target, admin=args.admin, ops=args.ops, api_key=args.api_key,
+                             admin_token=args.admin_token, model=args.model, skip_rate_limit=args.skip_rate_limit))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from sidecar.config_sections import (
     RetriesConfig,
     Section,
     ShutdownConfig,
+    TelemetryConfig,
     UsageConfig,
     UsageKafkaConfig,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "RateRule",
     "RetriesConfig",
     "ShutdownConfig",
+    "TelemetryConfig",
     "UsageConfig",
     "UsageKafkaConfig",
     "key_path",
@@ -100,6 +102,7 @@ class Config(Section):
     overrides: OverridesConfig = OverridesConfig()
     usage: UsageConfig = UsageConfig()
     audit: AuditConfig = AuditConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

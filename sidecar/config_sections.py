@@ -293,3 +293,29 @@ class AuditConfig(Section):
     store: Literal["memory", "redis"] = "memory"          # redis: limits.redis_url, any sidecar answers
     max_records: int = Field(default=10_000, ge=1)         # memory: the oldest go beyond this
     ttl_seconds: int = Field(default=86_400, ge=1)         # redis: records expire after this
+
+
+def _otlp_endpoint(value: str) -> str:
+    """`http://host:port` (plaintext) or `https://host:port` (TLS); empty turns tracing off."""
+    if not value:
+        return value
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError("must be http://host:port or https://host:port (empty: no traces)")
+    _address(rest.rstrip("/"))
+    return value
+
+
+class TelemetryConfig(Section):
+    """Traces (OTLP/gRPC) and the format of log lines."""
+
+    otlp_endpoint: Annotated[str, AfterValidator(_otlp_endpoint)] = ""   # empty: no traces
+    otlp_headers: dict[str, str] = {}          # sent with every export, e.g. a collector's API key
+    export_timeout_ms: int = Field(default=10_000, gt=0)
+    # parent-based: a caller's sampled flag decides; otherwise this share of new traces is sampled
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    service_name: str = "inference-sidecar"
+    resource_attributes: dict[str, str] = {}   # added to the OTLP resource, e.g. k8s.pod.name
+    max_queued_spans: int = Field(default=8192, ge=64)  # beyond this, spans are dropped (counted)
+    log_format: Literal["json", "text"] = "json"
+    access_log: bool = True                    # one line per inference call

@@ -5,9 +5,13 @@ The proxy itself (unary or stream) runs after the last stage, in `server.py`. Fi
 once when the call has ended, however it ended (refused, failed, cancelled or served); they
 must not block: what needs I/O is queued (the limit store batches settlements). A finisher may
 return an awaitable the response must wait for (strict usage durability); `finish` returns it.
+
+A stage with a `span_name` gets a child span of the call's server span when the call is
+sampled (see telemetry/tracing.py); unsampled calls run the plain loop.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from sidecar.call import Call
@@ -19,6 +23,8 @@ from sidecar.stages.limits import Limits
 from sidecar.stages.route import PickBackend, ResolveModel
 from sidecar.stages.usage import RecordUsage, UsageCapacity
 from sidecar.telemetry.grpc_server import ObserveInference
+from sidecar.telemetry.logging import AccessLog
+from sidecar.telemetry.tracing import INTERNAL, Tracer, record
 from sidecar.usage.audit import AuditStore
 from sidecar.usage.sinks import UsageSink
 
@@ -30,10 +36,24 @@ class Pipeline:
     def __init__(self, stages: Sequence[Stage], finishers: Sequence[Finisher] = ()) -> None:
         self.stages = tuple(stages)
         self.finishers = tuple(finishers)
+        self._traced_stages = tuple((s, getattr(s, "span_name", "")) for s in self.stages)
 
     async def admit(self, call: Call) -> None:
-        for stage in self.stages:
-            await stage(call)
+        if call.spans is None:
+            for stage in self.stages:
+                await stage(call)
+            return
+        for stage, span_name in self._traced_stages:
+            if not span_name:
+                await stage(call)
+                continue
+            started = time.time_ns()
+            try:
+                await stage(call)
+            except BaseException as exc:
+                record(call, span_name, INTERNAL, started, error=_failure(exc))
+                raise
+            record(call, span_name, INTERNAL, started)
 
     def finish(self, call: Call) -> Awaitable[None] | None:
         wait = None
@@ -45,8 +65,13 @@ class Pipeline:
         return f"<Pipeline {' -> '.join(type(s).__name__ for s in self.stages)}>"
 
 
+def _failure(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", "")
+    return f"{reason}: {exc}" if reason else type(exc).__name__
+
+
 def build_pipeline(config: Callable[[], Config], router: Router, limit_store: LimitStore,
-                   usage: UsageSink, audit: AuditStore) -> Pipeline:
+                   usage: UsageSink, audit: AuditStore, tracer: Tracer, access_log: AccessLog) -> Pipeline:
     limits = Limits(config, limit_store)
     return Pipeline([
         # 1. authenticate first: nothing else runs, and nothing is spent, for an unknown caller.
@@ -69,4 +94,8 @@ def build_pipeline(config: Callable[[], Config], router: Router, limit_store: Li
         RecordUsage(usage, audit),
         # 3. grpc_server_handled_total / grpc_server_handling_seconds, for every call
         ObserveInference(),
+        # 4. the access log line, with the call's trace and span ids
+        access_log,
+        # 5. last: the server span ends when everything above is done, and goes to the exporter
+        tracer,
     ])

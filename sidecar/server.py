@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -62,10 +62,12 @@ class InFlight:
 
 
 class InferenceHandlers:
-    def __init__(self, pipeline: Pipeline, in_flight: InFlight, router: Router) -> None:
+    def __init__(self, pipeline: Pipeline, in_flight: InFlight, router: Router,
+                 sampling: Callable[[], float | None] = lambda: None) -> None:
         self._pipeline = pipeline
         self._in_flight = in_flight
         self._router = router
+        self._sampling = sampling  # the tracer's ratio for new calls; None: tracing is off
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
         return {
@@ -74,7 +76,8 @@ class InferenceHandlers:
         }
 
     async def _admit(self, method: str, raw: bytes, context: Context) -> Call:
-        call = begin_call(method, raw, tuple(context.invocation_metadata() or ()), context.time_remaining())
+        call = begin_call(method, raw, tuple(context.invocation_metadata() or ()), context.time_remaining(),
+                          self._sampling())
         try:
             self._in_flight.enter()
         except SidecarError as exc:

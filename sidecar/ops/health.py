@@ -7,6 +7,7 @@ itself, so it is SERVING for as long as the loop turns.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 READINESS_SERVICES = ("", "inference.v1.Inference")
 LIVENESS_SERVICE = "liveness"
+log = logging.getLogger("sidecar.health")
 
 
 class Health:
@@ -34,6 +36,7 @@ class Health:
         self.backends_ok: Callable[[], bool] = lambda: True
         # more conditions readiness needs (e.g. the usage spool can take records)
         self.ready_checks: list[Callable[[], bool]] = []
+        self._published: int | None = None
 
     def servicer(self) -> HealthServicer:
         """A servicer for one gRPC server; every servicer follows the same state."""
@@ -47,8 +50,14 @@ class Health:
                 and all(check() for check in self.ready_checks))
 
     async def publish(self) -> None:
-        """Pushes the current state to every servicer (and so to every Watch stream)."""
+        """Pushes the current state to every servicer (and so to every Watch stream); logs flips."""
         status = SERVING if self.ready else NOT_SERVING
+        if status != self._published:
+            self._published = status
+            detail = self.components()
+            (log.info if status == SERVING else log.warning)(
+                "readiness %s", "SERVING" if status == SERVING else "NOT_SERVING",
+                extra={"components": {name: c.get("status") for name, c in detail.items()}})
         for servicer in self.servicers:
             await servicer.set(LIVENESS_SERVICE, SERVING)
             for service in READINESS_SERVICES:

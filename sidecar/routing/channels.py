@@ -1,18 +1,26 @@
 """One shared `grpc.aio` channel per backend, with bytes-in/bytes-out method callables.
 
-Created at start for every configured backend and closed at shutdown. The callables carry no
-(de)serializers: the sidecar forwards the caller's request bytes and relays response bytes.
+Created at start for every configured backend and closed at shutdown; a config reload keeps
+the channels of addresses still in use, opens channels for new ones and drains the ones no
+backend uses any more. The callables carry no (de)serializers: the sidecar forwards the caller's
+request bytes and relays response bytes.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, field
 
 import grpc
 
 from sidecar.config import BackendConfig, Config
 
+log = logging.getLogger("sidecar.routing")
 INFER = "/inference.v1.Inference/Infer"
 INFER_STREAM = "/inference.v1.Inference/InferStream"
+# a call picked its backend just before a reload may start its backend call a moment later
+# (after sending its response headers): a removed channel stays open this long before it closes
+DRAIN_SETTLE_SECONDS = 1.0
 
 
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -65,25 +73,47 @@ class Channels:
     def __init__(self, config: Config) -> None:
         self._options = channel_options(config.max_message_bytes)
         self._by_address: dict[str, grpc.aio.Channel] = {}
-        self.backends: dict[str, list[Backend]] = {
-            model: [self._backend(model, b) for b in model_config.backends]
-            for model, model_config in config.models.items()
-        }
+        self._draining: set[grpc.aio.Channel] = set()
+        self.backends = self._backends(config, {})
 
-    def _backend(self, model: str, config: BackendConfig) -> Backend:
-        channel = self._by_address.get(config.address)
+    def _backends(self, config: Config, reusable: dict[str, grpc.aio.Channel]) -> dict[str, list[Backend]]:
+        return {model: [self._backend(model, b, reusable) for b in model_config.backends]
+                for model, model_config in config.models.items()}
+
+    def _backend(self, model: str, config: BackendConfig, reusable: dict[str, grpc.aio.Channel]) -> Backend:
+        channel = self._by_address.get(config.address) or reusable.get(config.address)
         if channel is None:
             channel = grpc.aio.insecure_channel(config.address, options=self._options)
-            self._by_address[config.address] = channel
+        self._by_address[config.address] = channel
         return Backend(model, config, channel)
+
+    def reconfigure(self, config: Config) -> dict[str, grpc.aio.Channel]:
+        """After a reload: new `backends` for `config` on the channels of addresses still in use
+        and new channels for new addresses. Returns the channels no backend uses any more, by
+        address, for `drain` (calls running on them finish there)."""
+        previous, self._by_address = self._by_address, {}
+        self.backends = self._backends(config, previous)
+        removed = {address: channel for address, channel in previous.items() if address not in self._by_address}
+        self._draining.update(removed.values())  # closed at shutdown if their drain has not ended
+        return removed
+
+    async def drain(self, address: str, channel: grpc.aio.Channel, grace: float) -> None:
+        """Closes a channel a reload removed: no new calls go to it; those running get `grace`
+        seconds (after `DRAIN_SETTLE_SECONDS`), then are cancelled. Run in a named task."""
+        await asyncio.sleep(DRAIN_SETTLE_SECONDS)
+        await channel.close(grace)
+        self._draining.discard(channel)
+        log.info("backend channel closed", extra={"address": address})
 
     def channel(self, address: str) -> grpc.aio.Channel:
         return self._by_address[address]
 
     async def aclose(self) -> None:
-        for channel in self._by_address.values():
+        """At shutdown; also closes the channels still draining after a reload."""
+        for channel in [*self._by_address.values(), *self._draining]:
             await channel.close()
         self._by_address.clear()
+        self._draining.clear()
 
     def __repr__(self) -> str:
         return f"<Channels {len(self._by_address)} channels, models={sorted(self.backends)}>"

@@ -30,6 +30,7 @@ class Endpoint:
     override_weight: float | None = None  # an operator's weight, instead of the configured one
     drained: bool = False         # by an operator: no new calls, running ones finish
     latency: PeakEwma = field(default_factory=PeakEwma)  # of answered calls, for p2c_ewma
+    retired: bool = False         # a reload removed it: calls still running on it finish, nothing new
     tags: dict[str, object] = field(default_factory=dict)  # per-endpoint caches (metric children)
 
     @property

@@ -3,11 +3,13 @@
 Owns every model's endpoints (`endpoints.py`), the balancer and the retry budget. The pipeline's
 `PickBackend` stage calls `pick`; the proxy reports every attempt (`attempt_started`,
 `attempt_ended`) and asks `retry` after a failed one; the health checker reports checks
-(`record_check`). Changes of routability call `on_change`, so readiness can follow them.
+(`record_check`). Changes of routability call `on_change`, so readiness can follow them. A
+config reload calls `reconfigure`, which keeps what was learnt about the backends that stay.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -57,13 +59,26 @@ class Router:
     def __init__(self, config: Config, backends: dict[str, list[Backend]],
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  wall: Callable[[], float] = time.time) -> None:
-        self.endpoints = {model: [Endpoint(b) for b in group] for model, group in backends.items()}
-        self._by_address: dict[str, list[Endpoint]] = {}
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._wall = wall
+        self._budget = RetryBudget(config.retries.budget_percent, config.retries.min_retries_per_second, clock)
+        self.overrides = OverrideTable(Path(config.state_dir) / OVERRIDES_FILE)  # app.py may give it Redis
+        self._pins: dict[str, Endpoint] = {}
+        self.on_change: Callable[[], None] = lambda: None
+        self._build(config, {model: [Endpoint(b) for b in group] for model, group in backends.items()})
         for group in self.endpoints.values():
             for endpoint in group:
-                self._by_address.setdefault(endpoint.backend.config.address, []).append(endpoint)
                 BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
-        self._balancer = WeightedRandom(self.endpoints, rng, p2c_models=[
+
+    def _build(self, config: Config, endpoints: dict[str, list[Endpoint]]) -> None:
+        """The tables and settings taken from a config: at start, and on every reload."""
+        self.endpoints = endpoints
+        self._by_address: dict[str, list[Endpoint]] = {}
+        for group in endpoints.values():
+            for endpoint in group:
+                self._by_address.setdefault(endpoint.backend.config.address, []).append(endpoint)
+        self._balancer = WeightedRandom(endpoints, self._rng, p2c_models=[
             m for m, model in config.models.items() if model.balancer == "p2c_ewma"])
         self._rings = {m: HashRing([b.name for b in model.backends])
                        for m, model in config.models.items() if model.affinity == "session"}
@@ -71,12 +86,44 @@ class Router:
         self._outlier = config.outlier_detection
         self._retries = config.retries
         self._retry_on = frozenset(grpc.StatusCode[name] for name in config.retries.retry_on)
-        self._budget = RetryBudget(config.retries.budget_percent, config.retries.min_retries_per_second, clock)
-        self._clock = clock
-        self._wall = wall
-        self.overrides = OverrideTable(Path(config.state_dir) / OVERRIDES_FILE)  # app.py may give it Redis
-        self._pins: dict[str, Endpoint] = {}
-        self.on_change: Callable[[], None] = lambda: None
+        self._budget.percent = config.retries.budget_percent
+        self._budget.min_per_second = config.retries.min_retries_per_second
+
+    def reconfigure(self, config: Config, backends: dict[str, list[Backend]]) -> None:
+        """After a reload, in one synchronous step (no call sees half of it). A backend whose
+        model, name and address stay keeps its endpoint -- health, ejection, latency, calls in
+        flight -- with its new settings (weight, priority, max_in_flight); new backends start
+        healthy; removed ones are retired: calls running on them finish, and nothing is learnt
+        from them any more. Overrides apply again (one whose backend left waits for its return)."""
+        kept = {(e.backend.model, e.name, e.backend.config.address): e
+                for group in self.endpoints.values() for e in group}
+        endpoints: dict[str, list[Endpoint]] = {}
+        added: list[Endpoint] = []
+        for model, configured in backends.items():
+            endpoints[model] = []
+            for backend in configured:
+                staying = kept.pop((model, backend.name, backend.config.address), None)
+                if staying is None:
+                    staying = Endpoint(backend)
+                    added.append(staying)
+                staying.backend = backend
+                endpoints[model].append(staying)
+        for gone in kept.values():
+            gone.retired = True
+            if not any(e.name == gone.name for e in endpoints.get(gone.backend.model, ())):
+                with contextlib.suppress(KeyError):  # its gauge series goes with it
+                    BACKEND_HEALTHY.remove(gone.backend.model, gone.name)
+        self._build(config, endpoints)
+        for endpoint in added:
+            BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
+        if not config.health_checks.enabled:  # as at a start without checks: nothing marks them down
+            for group in endpoints.values():
+                for endpoint in group:
+                    endpoint.healthy, endpoint.check_streak = True, 0
+        self.apply_overrides()
+        for group in endpoints.values():
+            for endpoint in group:
+                self._announce(endpoint)
 
     @property
     def addresses(self) -> list[str]:
@@ -192,9 +239,9 @@ class Router:
         seconds = time.perf_counter() - started
         name = code.name if code is not None else "CANCELLED"
         call.attempts.append(Attempt(endpoint.name, name, round(seconds * 1000, 3), endpoint.backend.config.address))
-        _observe(endpoint, name, seconds)
-        if code is None:
-            return
+        _observe(endpoint, name, seconds, {"trace_id": call.trace_id} if call.spans is not None else None)
+        if code is None or endpoint.retired:
+            return  # the caller went away, or a reload removed the backend while the call ran
         now = self._clock()
         if code == grpc.StatusCode.OK:
             endpoint.record_success(now, self._outlier)
@@ -222,7 +269,7 @@ class Router:
         """Reports a change of `up` (a flip of health, an ejection, or its end) to the gauge and
         to `on_change`; called whenever the router hears of the backend, and when an ejection ends."""
         up = endpoint.up(self._clock())
-        if up != endpoint.announced:
+        if up != endpoint.announced and not endpoint.retired:
             endpoint.announced = up
             BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(int(up))
             self.on_change()
@@ -267,7 +314,7 @@ def _decision(endpoint: Endpoint, decision: str) -> None:
     child.inc()  # type: ignore[attr-defined]
 
 
-def _observe(endpoint: Endpoint, code: str, seconds: float) -> None:
+def _observe(endpoint: Endpoint, code: str, seconds: float, exemplar: dict[str, str] | None) -> None:
     key = f"code:{code}"
     child = endpoint.tags.get(key)
     if child is None:
@@ -276,4 +323,4 @@ def _observe(endpoint: Endpoint, code: str, seconds: float) -> None:
     duration = endpoint.tags.get("duration")
     if duration is None:
         duration = endpoint.tags["duration"] = BACKEND_DURATION.labels(endpoint.backend.model, endpoint.name)
-    duration.observe(seconds)  # type: ignore[attr-defined]
+    duration.observe(seconds, exemplar)  # type: ignore[attr-defined]

@@ -52,6 +52,8 @@ class KeyTable:
 
 
 class Authenticate:
+    span_name = "sidecar.auth"
+
     def __init__(self, config: Callable[[], Config]) -> None:
         self._config = config
         self._keys = PerConfig(KeyTable)

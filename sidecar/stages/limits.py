@@ -107,6 +107,8 @@ class LimitTable:
 
 
 class Limits:
+    span_name = "sidecar.limits"  # rate limits and budgets: one store round trip, one span
+
     def __init__(self, config: Callable[[], Config], store: LimitStore,
                  wall: Callable[[], float] = time.time) -> None:
         self._config = config

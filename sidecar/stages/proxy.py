@@ -13,6 +13,7 @@ translated here, at the boundary, into catalog errors.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,6 +22,7 @@ from sidecar.call import Call
 from sidecar.errors import BACKEND_ERROR, SidecarError
 from sidecar.routing.channels import Backend
 from sidecar.routing.router import Router
+from sidecar.telemetry.tracing import CLIENT, attempt_attributes, new_span_id, record
 
 
 class UnaryAttempt:
@@ -31,10 +33,12 @@ class UnaryAttempt:
         assert self.endpoint is not None
         timeout = call.backend_timeout()
         self.capped = call.model_timeout_binds(timeout)
+        self.span = _AttemptSpan(call) if call.spans is not None else None
         self.started = router.attempt_started(self.endpoint)
         self.ended = False
         self.rpc: grpc.aio.UnaryUnaryCall[bytes, bytes] = self.endpoint.backend.infer(
-            call.raw_request, timeout=timeout, metadata=call.forward_metadata)
+            call.raw_request, timeout=timeout,
+            metadata=call.forward_metadata if self.span is None else self.span.metadata)
 
     def end(self, call: Call, router: Router, code: grpc.StatusCode | None) -> None:
         """Reports the attempt once; `code` None = the caller went away (the backend call is cancelled)."""
@@ -45,6 +49,25 @@ class UnaryAttempt:
         if code is None:
             self.rpc.cancel()
         router.attempt_ended(call, self.endpoint, code, self.started, self.capped)
+        if self.span is not None:
+            self.span.end(call, self.endpoint.backend, code)
+
+
+class _AttemptSpan:
+    """The client span of one attempt of a sampled call; the backend gets it as parent."""
+
+    __slots__ = ("metadata", "span_id", "started")
+
+    def __init__(self, call: Call) -> None:
+        self.span_id = new_span_id()
+        self.started = time.time_ns()
+        self.metadata = call.attempt_metadata(self.span_id)
+
+    def end(self, call: Call, backend: Backend, code: grpc.StatusCode | None) -> None:
+        name = code.name if code is not None else "CANCELLED"
+        record(call, f"inference.v1.Inference/{call.method}", CLIENT, self.started,
+               attempt_attributes(call, backend.config.address, backend.name, name),
+               error="" if code == grpc.StatusCode.OK else name, span_id=self.span_id)
 
 
 def start_unary(call: Call, router: Router) -> UnaryAttempt:
@@ -82,8 +105,10 @@ async def relay_stream(call: Call, router: Router) -> AsyncIterator[bytes]:
         assert endpoint is not None
         timeout = call.backend_timeout()
         capped = call.model_timeout_binds(timeout)
+        span = _AttemptSpan(call) if call.spans is not None else None
         started = router.attempt_started(endpoint)
-        rpc = endpoint.backend.infer_stream(call.raw_request, timeout=timeout, metadata=call.forward_metadata)
+        rpc = endpoint.backend.infer_stream(call.raw_request, timeout=timeout,
+                                            metadata=call.forward_metadata if span is None else span.metadata)
         code: grpc.StatusCode | None = None  # None until known: the caller went away
         failure: SidecarError | None = None
         relayed = False
@@ -98,6 +123,8 @@ async def relay_stream(call: Call, router: Router) -> AsyncIterator[bytes]:
         finally:
             rpc.cancel()  # a no-op once finished; stops the backend when the caller went away
             router.attempt_ended(call, endpoint, code, started, capped)
+            if span is not None:
+                span.end(call, endpoint.backend, code)
         if failure is None:
             return
         assert code is not None

@@ -27,6 +27,8 @@ class ResolveModel:
 
 
 class PickBackend:
+    span_name = "sidecar.route"
+
     def __init__(self, router: Router) -> None:
         self._router = router
 

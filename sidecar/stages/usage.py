@@ -19,6 +19,7 @@ from collections.abc import Awaitable
 
 from sidecar.call import Call
 from sidecar.errors import SidecarError
+from sidecar.telemetry import tracing
 from sidecar.telemetry.metrics import USAGE_RECORDS_DROPPED
 from sidecar.usage.audit import AuditStore, audit_record
 from sidecar.usage.record import build_record
@@ -47,9 +48,13 @@ class RecordUsage:
     def __call__(self, call: Call) -> Awaitable[None] | None:
         if not call.org:
             return None
+        started = time.time_ns() if call.spans is not None else 0
         record = build_record(call, time.perf_counter())
         self._audit.put(audit_record(record, call))
         if not call.keep_usage_record:
             USAGE_RECORDS_DROPPED.labels("refused_call").inc()
             return None
-        return self._sink.submit(record)
+        wait = self._sink.submit(record)
+        if started:  # the hand-off's span: the records built and queued
+            tracing.record(call, "sidecar.usage", tracing.INTERNAL, started, (("sidecar.event_id", record.event_id),))
+        return wait

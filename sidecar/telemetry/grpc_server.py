@@ -22,7 +22,11 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from sidecar.call import Call
-from sidecar.telemetry.metrics import GRPC_SERVER_HANDLED, GRPC_SERVER_HANDLING_SECONDS
+from sidecar.telemetry.metrics import (
+    GRPC_SERVER_HANDLED,
+    GRPC_SERVER_HANDLING_SECONDS,
+    SIDECAR_OVERHEAD_SECONDS,
+)
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -33,7 +37,8 @@ _handled: dict[tuple[str, str, str, str], Any] = {}
 _seconds: dict[tuple[str, str, str], Any] = {}
 
 
-def observe(grpc_type: str, service: str, method: str, code: str, seconds: float) -> None:
+def observe(grpc_type: str, service: str, method: str, code: str, seconds: float,
+            exemplar: dict[str, str] | None = None) -> None:
     handled = _handled.get((grpc_type, service, method, code))
     if handled is None:
         handled = _handled[(grpc_type, service, method, code)] = GRPC_SERVER_HANDLED.labels(
@@ -43,15 +48,24 @@ def observe(grpc_type: str, service: str, method: str, code: str, seconds: float
         histogram = _seconds[(grpc_type, service, method)] = GRPC_SERVER_HANDLING_SECONDS.labels(
             grpc_type, service, method)
     handled.inc()
-    histogram.observe(seconds)
+    histogram.observe(seconds, exemplar)
 
 
 class ObserveInference:
-    """Pipeline finisher: one observation per `Infer` / `InferStream` call, however it ended."""
+    """Pipeline finisher: one observation per `Infer` / `InferStream` call, however it ended,
+    and the sidecar's own share of it (`api_router_sidecar_overhead_seconds`); a sampled call
+    leaves its trace id as the bucket's exemplar (shown to OpenMetrics scrapers)."""
+
+    def __init__(self) -> None:
+        self._overhead = {m: SIDECAR_OVERHEAD_SECONDS.labels(m) for m in ("Infer", "InferStream")}
 
     def __call__(self, call: Call) -> None:
+        seconds = time.perf_counter() - call.started
+        exemplar = {"trace_id": call.trace_id} if call.spans is not None else None
         observe("server_stream" if call.method == "InferStream" else "unary", INFERENCE, call.method,
-                call.status or "UNKNOWN", time.perf_counter() - call.started)
+                call.status or "UNKNOWN", seconds, exemplar)
+        backend = sum(a.duration_ms for a in call.attempts) / 1000.0 if call.attempts else 0.0
+        self._overhead[call.method].observe(max(0.0, seconds - backend), exemplar)
 
 
 class ObservedServer(grpc.aio.ServerInterceptor):

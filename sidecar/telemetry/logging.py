@@ -1,22 +1,71 @@
-"""JSON log lines: one object per line on stderr, with whatever `extra=` fields a caller adds.
+"""Log lines: one object per line on stderr (JSON, or `key=value` text for a terminal), with
+whatever `extra=` fields a caller adds, and the access log: one line per inference call.
 
-Request ids, org and key ids come in as `extra`; secrets never do (nothing here reads metadata).
+Request ids, org and key ids come in as `extra`; secrets never do (nothing here reads metadata,
+and the access line is built from the `Call`'s ids, never its credential).
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.call import Call
+    from sidecar.config import Config
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+ACCESS_FLUSH_SECONDS = 0.05   # access lines are written in batches, at most this late
+_ACCESS_KEYS = ("ts", "level", "logger", "msg", "request_id", "trace_id", "span_id", "method", "org", "api_key_id",
+                "model", "backend", "attempts", "routing_decision", "status", "reason", "duration_ms", "overhead_ms",
+                "sampled")
 
 
-class JsonFormatter(logging.Formatter):
+def timestamp(seconds: float) -> str:
+    """ISO 8601 in UTC with milliseconds: 2026-11-25T08:21:19.123Z."""
+    return f"{_second(int(seconds))}.{int(seconds * 1000) % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def render_json(line: dict[str, Any]) -> str:
+    return json.dumps(line, default=str)
+
+
+def render_text(line: dict[str, Any]) -> str:
+    """`ts level logger msg key=value ...`, values quoted when they hold spaces."""
+    head = f"{line.pop('ts')} {line.pop('level').upper():7} {line.pop('logger')}: {line.pop('msg')}"
+    exc = line.pop("exc", None)
+    fields = " ".join(f"{k}={_text_value(v)}" for k, v in line.items())
+    text = f"{head} {fields}" if fields else head
+    return f"{text}\n{exc}" if exc else text
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if (not text or " " in text or '"' in text) else text
+
+
+RENDER = {"json": render_json, "text": render_text}
+_ACCESS_LOGGER = logging.getLogger("sidecar.access")
+
+
+class LineFormatter(logging.Formatter):
+    def __init__(self, render: Callable[[dict[str, Any]], str] = render_json) -> None:
+        super().__init__()
+        self._render = render
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -26,12 +75,64 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return self._render(line)
 
 
-def configure_logging(level: str = "INFO") -> None:
+class JsonFormatter(LineFormatter):
+    def __init__(self) -> None:
+        super().__init__(render_json)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(LineFormatter(RENDER[log_format]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class AccessLog:
+    """Pipeline finisher: one `sidecar.access` line per inference call, however it ended.
+
+    The call path only appends a tuple; the lines are rendered and written in one write per
+    batch, at most `ACCESS_FLUSH_SECONDS` later (and at shutdown by `flush`).
+    `telemetry.access_log: false` turns it off (read from the running config), and so does a log
+    level above INFO for the `sidecar.access` logger (the demo logs warnings only).
+    """
+
+    def __init__(self, config: Callable[[], Config]) -> None:
+        self._config = config
+        self._render = RENDER[config().telemetry.log_format]
+        self._pending: list[tuple[Any, ...]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, call: Call) -> None:
+        if not self._config().telemetry.access_log or not _ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            return
+        duration = time.perf_counter() - call.started
+        backend = sum(a.duration_ms for a in call.attempts)
+        self._pending.append((
+            time.time(), call.request_id, call.trace_id, call.span_id, call.method, call.org, call.api_key_id,
+            call.request.model, call.attempts[-1].backend if call.attempts else "", len(call.attempts),
+            call.routing_decision, call.status if call.status != "UNKNOWN" else "CANCELLED", call.reason,
+            round(duration * 1000, 3), round(max(0.0, duration * 1000 - backend), 3), call.sampled))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ACCESS_FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        render = self._render
+        lines = [render(dict(zip(_ACCESS_KEYS, (timestamp(entry[0]), "info", "sidecar.access", "call", *entry[1:]),
+                                 strict=True)))
+                 for entry in pending]
+        try:
+            sys.stderr.write("\n".join(lines) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed (the process is going away): nothing to log to
+
+    def __repr__(self) -> str:
+        return f"<AccessLog pending={len(self._pending)}>"

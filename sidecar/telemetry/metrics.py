@@ -79,6 +79,19 @@ KAFKA_PRODUCER_REBUILDS = Counter(
 KAFKA_UP = Gauge(
     "api_router_usage_kafka_up", "1 while the usage producer has a connection to a Kafka broker, else 0.")
 
+SIDECAR_OVERHEAD_SECONDS = Histogram(
+    "api_router_sidecar_overhead_seconds", "What the sidecar itself added to an inference call: its duration "
+    "minus the time its backend attempts took (auth, limits, routing, proxying, records).", ["grpc_method"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05,
+             0.1, 0.25, 1.0))
+
+# --- traces --------------------------------------------------------------------------------------
+TRACE_SPANS_EXPORTED = Counter(
+    "api_router_trace_spans_exported", "Spans the OTLP collector accepted.")
+TRACE_SPANS_DROPPED = Counter(
+    "api_router_trace_spans_dropped", "Spans not exported: queue_full (the collector is slower than the "
+    "calls), export_failed (the collector refused or did not answer in time).", ["reason"])
+
 # --- gRPC server (the go-grpc-prometheus names, for every service the sidecar serves) ------------
 GRPC_TYPES = ("unary", "server_stream", "client_stream", "bidi_stream")
 GRPC_SERVER_HANDLED = Counter(
@@ -93,3 +106,10 @@ GRPC_SERVER_HANDLING_SECONDS = Histogram(
 # --- the build ----------------------------------------------------------------------------------
 BUILD_INFO = Gauge(
     "sidecar_build_info", "Always 1; the labels say which build runs.", ["version", "commit", "build_time"])
+
+# --- config reloads -----------------------------------------------------------------------------
+CONFIG_RELOAD_RESULTS = ("success", "failure", "unchanged")
+CONFIG_RELOADS = Counter(
+    "api_router_config_reloads", "Config reloads (SIGHUP or a change of the file): success (applied), failure "
+    "(invalid, or a change that needs a restart; the old config keeps serving), unchanged (SIGHUP with the "
+    "running file).", ["result"])

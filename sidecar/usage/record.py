@@ -30,16 +30,6 @@ def new_event_id(now: float | None = None) -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
-def trace_id(call: Call) -> str:
-    """The W3C trace id from the caller's `traceparent` (version-traceid-spanid-flags), or ""."""
-    for key, value in call.forward_metadata:
-        if key == "traceparent":
-            parts = value.split("-")
-            if len(parts) == 4 and len(parts[1]) == 32:
-                return parts[1].lower()
-    return ""
-
-
 def build_record(call: Call, ended: float) -> usage_pb2.UsageRecord:
     """`ended` is `time.perf_counter()` when the call ended."""
     duration_ms = (ended - call.started) * 1000
@@ -57,7 +47,7 @@ def build_record(call: Call, ended: float) -> usage_pb2.UsageRecord:
     started = Timestamp()
     started.FromNanoseconds(int(call.started_wall * 1e9))
     return usage_pb2.UsageRecord(
-        event_id=new_event_id(), request_id=call.request_id, trace_id=trace_id(call), org=call.org,
+        event_id=new_event_id(), request_id=call.request_id, trace_id=call.trace_id, org=call.org,
         api_key_id=call.api_key_id, model=call.request.model,
         backend=call.attempts[-1].backend if call.attempts else "",
         status=call.status if call.status != "UNKNOWN" else "CANCELLED", reason=call.reason,

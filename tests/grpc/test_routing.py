@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 
@@ -160,6 +161,44 @@ def test_readiness_follows_backend_health(launch: Launcher) -> None:
     launch.backend(port=port)
     wait_until(lambda: health_status(sidecar.listen) == "SERVING", 10, what="readiness SERVING again")
     assert metric(sidecar, "api_router_backend_healthy", {"backend": "only"}) == 1
+
+
+def readyz(sidecar: SidecarProc) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"{sidecar.ops_url}/readyz", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_readyz_and_grpc_health_fail_together_when_every_model_lost_its_backends(launch: Launcher) -> None:
+    x, y = launch.backend(), launch.backend()
+    config = sidecar_config(f"""
+        chat:
+          backends: [{{name: x, address: "{x.address}"}}]
+        embed:
+          backends: [{{name: y, address: "{y.address}"}}]
+        """) + FAST_CHECKS
+    sidecar = launch.sidecar(config)
+    x.proc.kill()  # one model without a backend: the other still serves, so the sidecar is ready
+    wait_until(lambda: readyz(sidecar)[1]["components"]["backends"]["models"]["chat"]["x"] == "unhealthy",  # type: ignore[index]
+               5, what="x unhealthy")
+    assert readyz(sidecar)[0] == 200 and health_status(sidecar.listen) == "SERVING"
+    port = int(y.address.rsplit(":", 1)[1])
+    y.proc.kill()
+    wait_until(lambda: health_status(sidecar.listen) == "NOT_SERVING", 5, what="readiness NOT_SERVING")
+    status, body = readyz(sidecar)  # the same state drives both
+    assert status == 503 and body["status"] == "not_ready"
+    assert body["components"]["backends"]["status"] == "no_healthy_backend"  # type: ignore[index]
+    assert health_status(sidecar.admin_listen) == "NOT_SERVING"
+    assert health_status(sidecar.listen, "inference.v1.Inference") == "NOT_SERVING"
+    assert health_status(sidecar.listen, "liveness") == "SERVING"
+    assert any(line.get("msg") == "readiness NOT_SERVING" for line in sidecar.log_json())
+    launch.backend(port=port)
+    wait_until(lambda: readyz(sidecar)[0] == 200, 10, what="/readyz 200 again")
+    assert health_status(sidecar.listen) == "SERVING"
+    flips = [line["msg"] for line in sidecar.log_json() if str(line.get("msg")).startswith("readiness ")]
+    assert flips[-3:] == ["readiness SERVING", "readiness NOT_SERVING", "readiness SERVING"]
 
 
 def test_p2c_ewma_sends_few_calls_to_a_slow_backend(launch: Launcher) -> None:

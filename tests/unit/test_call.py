@@ -14,6 +14,7 @@ from sidecar.errors import SidecarError
 def test_credentials_are_read_but_never_forwarded() -> None:
     call = begin_call("Infer", b"", (("authorization", "Bearer sk-1"), ("x-api-key", "sk-2"),
                                      ("traceparent", "00-aa-bb-01"), ("tracestate", "a=1"), ("cookie", "c")), None)
+    # (an invalid traceparent: the call starts its own trace and passes that on)
     assert call.api_key == "sk-2"  # the later header wins
     keys = {k for k, _ in call.forward_metadata}
     assert keys == {"traceparent", "tracestate", "x-request-id"}

@@ -4,7 +4,9 @@ Pure given a clock moved by hand and a seeded `random.Random`; backends have no 
 """
 from __future__ import annotations
 
+import asyncio
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +18,7 @@ from sidecar.call import Call, begin_call
 from sidecar.config import Config, parse_config
 from sidecar.errors import SidecarError
 from sidecar.routing.channels import Backend
+from sidecar.routing.overrides import Override, OverrideTable
 from sidecar.routing.router import Router
 
 Code = grpc.StatusCode
@@ -92,10 +95,14 @@ class Rig:
         return models[model]
 
 
+def backends_of(config: Config) -> dict[str, list[Backend]]:
+    return {model: [Backend(model, b, NoChannel()) for b in m.backends]  # type: ignore[arg-type]
+            for model, m in config.models.items()}
+
+
 def make(text: str = CONFIG, seed: int = 1) -> Rig:
     config = parse_config(text, environ={})
-    backends = {model: [Backend(model, b, NoChannel()) for b in m.backends]  # type: ignore[arg-type]
-                for model, m in config.models.items()}
+    backends = backends_of(config)
     clock = Clock()
     router = Router(config, backends, clock, random.Random(seed))
     changes: list[int] = []
@@ -543,3 +550,120 @@ def test_addresses_and_repr() -> None:
     rig = make()
     assert rig.router.addresses == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
     assert repr(rig.router) == "<Router models=['chat', 'embed'] <RetryBudget 0 retries / 0 calls in 10s>>"
+
+
+# --- reconfigure (a config reload) -----------------------------------------------------------------
+
+# chat: a stays (weight 1 -> 4), b stays, c leaves, d comes; embed leaves; outlier settings change
+RELOADED = """
+models:
+  chat:
+    timeout_ms: 5000
+    backends:
+      - {name: a, address: "127.0.0.1:7001", weight: 4}
+      - {name: b, address: "127.0.0.1:7002"}
+      - {name: d, address: "127.0.0.1:7004"}
+health_checks: {unhealthy_threshold: 2, healthy_threshold: 2}
+outlier_detection: {consecutive_failures: 1, base_ejection_ms: 10000, max_ejection_ms: 60000,
+                    max_ejection_percent: 100}
+retries: {max_attempts: 3, retry_on: [UNAVAILABLE, INTERNAL], budget_percent: 20, min_retries_per_second: 1}
+"""
+
+
+def reload(rig: Rig, text: str = RELOADED) -> None:
+    rig.config = parse_config(text, environ={})
+    rig.router.reconfigure(rig.config, backends_of(rig.config))
+
+
+def test_reconfigure_keeps_what_is_known_of_backends_that_stay_with_their_new_settings() -> None:
+    rig = make()
+    a, b = rig.router.endpoint("chat", "a"), rig.router.endpoint("chat", "b")
+    assert a is not None and b is not None
+    running = rig.call()
+    running.endpoint = b
+    rig.router.attempt_started(b)                    # a call in flight on b
+    rig.router.record_check("127.0.0.1:7001", False)  # one failed check of a (threshold 2)
+    b.latency.observe(0.2, T0)
+    reload(rig)
+    assert rig.router.endpoint("chat", "a") is a and rig.router.endpoint("chat", "b") is b
+    assert (a.check_streak, b.in_flight, b.latency.value(T0) > 0) == (1, 1, True)
+    assert a.weight == 4 and a.backend.config.weight == 4
+    assert rig.state() == {"a": "healthy", "b": "healthy", "d": "healthy"}
+    assert healthy_gauge("chat", "d") == 1
+    picked = Counter()
+    for _ in range(600):
+        call = rig.call()
+        rig.router.pick(call)
+        assert call.endpoint is not None
+        picked[call.endpoint.name] += 1
+    assert set(picked) == {"a", "b", "d"} and abs(picked["a"] - 400) < 60  # 4:1:1; sigma 11.5
+
+
+def test_reconfigure_applies_new_outlier_settings() -> None:
+    rig = make()                                     # consecutive_failures 2
+    reload(rig)                                      # 1
+    rig.on("a", Code.UNAVAILABLE)
+    assert rig.state()["a"] == "ejected"
+
+
+def test_a_removed_backend_takes_no_new_call_and_its_running_call_ends_quietly() -> None:
+    rig = make()
+    c = rig.router.endpoint("chat", "c")
+    e = rig.router.endpoint("embed", "e")
+    assert c is not None and e is not None
+    on_c, on_e = rig.call(), rig.call(model="embed")
+    on_c.endpoint, on_e.endpoint = c, e
+    started = rig.router.attempt_started(c), rig.router.attempt_started(e)
+    reload(rig)
+    assert rig.router.endpoint("chat", "c") is None and "embed" not in rig.router.endpoints
+    assert healthy_gauge("chat", "c") is None and healthy_gauge("embed", "e") is None  # series gone
+    changes = len(rig.changes)
+    # failed attempts of removed backends (one failure ejects under the new config): no crash,
+    # no ejection, no gauge series back, no readiness change -- only the attempt is recorded
+    rig.router.attempt_ended(on_c, c, Code.UNAVAILABLE, started[0])
+    rig.router.attempt_ended(on_e, e, Code.UNAVAILABLE, started[1])
+    assert (c.in_flight, e.in_flight) == (0, 0) and not c.ejected(T0) and not e.ejected(T0)
+    assert len(rig.changes) == changes and healthy_gauge("chat", "c") is None
+    assert [(a.backend, a.status) for a in on_c.attempts] == [("c", "UNAVAILABLE")]
+    assert rig.router.retry(on_e, Code.UNAVAILABLE) is False  # its model is gone
+    assert rig.router.retry(on_c, Code.UNAVAILABLE) is True   # another backend of chat
+    assert on_c.endpoint is not None and on_c.endpoint.name in {"a", "b", "d"}
+    rig.router.record_check("127.0.0.1:7003", False)  # a check that was under way: ignored
+    assert c.healthy
+
+
+def test_a_backend_that_moves_to_another_address_starts_afresh() -> None:
+    rig = make()
+    old = rig.router.endpoint("chat", "b")
+    assert old is not None
+    rig.on("b", Code.UNAVAILABLE, 2)
+    assert rig.state()["b"] == "ejected"
+    reload(rig, RELOADED.replace("127.0.0.1:7002", "127.0.0.1:7012"))
+    new = rig.router.endpoint("chat", "b")
+    assert new is not None and new is not old and old.retired
+    assert rig.state()["b"] == "healthy" and healthy_gauge("chat", "b") == 1
+    assert rig.router.addresses == ["127.0.0.1:7001", "127.0.0.1:7012", "127.0.0.1:7004"]
+
+
+def test_turning_health_checks_off_by_reload_brings_unhealthy_backends_back() -> None:
+    rig = make()
+    for _ in range(2):
+        rig.router.record_check("127.0.0.1:7001", False)
+    assert rig.state()["a"] == "unhealthy" and healthy_gauge("chat", "a") == 0
+    changes = len(rig.changes)
+    reload(rig, RELOADED.replace("health_checks: {", "health_checks: {enabled: false, "))
+    assert rig.state()["a"] == "healthy" and healthy_gauge("chat", "a") == 1
+    assert len(rig.changes) > changes                # readiness is told
+
+
+def test_overrides_follow_a_reload() -> None:
+    rig = make()
+    rig.router.overrides = OverrideTable()           # memory only
+    asyncio.run(rig.router.set_override(Override("chat", "c", "drain")))
+    asyncio.run(rig.router.set_override(Override("chat", "a", "weight", weight=0.0)))
+    reload(rig)                                      # c leaves: its drain waits; a's weight 0 stays
+    a = rig.router.endpoint("chat", "a")
+    assert a is not None and a.weight == 0
+    reload(rig, CONFIG)                              # c is back: drained again
+    c = rig.router.endpoint("chat", "c")
+    assert c is not None and c.drained

@@ -1,4 +1,4 @@
-"""Usage records and the file sink: event ids, trace ids, rotation, shutdown writes the rest."""
+"""Usage records and the file sink: event ids, rotation, shutdown writes the rest."""
 from __future__ import annotations
 
 import asyncio
@@ -6,11 +6,9 @@ import json
 import uuid
 from pathlib import Path
 
-from sidecar_client.inference.v1.inference_pb2 import InferRequest
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
-from sidecar.call import begin_call
-from sidecar.usage.record import new_event_id, trace_id
+from sidecar.usage.record import new_event_id
 from sidecar.usage.sinks import FileSink
 
 
@@ -19,14 +17,6 @@ def test_event_ids_are_uuid7_unique_and_sort_by_time() -> None:
     assert all(uuid.UUID(i).version == 7 for i in ids)
     assert len(set(ids)) == 1000 and ids == sorted(ids)
     assert new_event_id(1_700_000_000.0)[:13] == "018bcfe5-6800"  # the millisecond timestamp leads
-
-
-def test_trace_id_comes_from_traceparent() -> None:
-    raw = InferRequest(model="m").SerializeToString()
-    traced = begin_call("Infer", raw, (("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),), None)
-    assert trace_id(traced) == "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert trace_id(begin_call("Infer", raw, (("traceparent", "garbage"),), None)) == ""
-    assert trace_id(begin_call("Infer", raw, (), None)) == ""
 
 
 def test_file_sink_rotates_and_keeps_backups(tmp_path: Path) -> None:
