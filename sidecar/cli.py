@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="leave out the check that exhausts the caller's rate limit")
     smoke.set_defaults(handler=_smoke)
 
+    from sidecar.admin_cli import add_parser as add_admin_parser
+
+    add_admin_parser(sub)
+
     call = sub.add_parser("call", help="call a sidecar (or a backend) once and print the answer")
     call.add_argument("--target", required=True, metavar="HOST:PORT")
     call.add_argument("--model", required=True)

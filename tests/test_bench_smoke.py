@@ -37,3 +37,20 @@ def test_paired_cost_benches_run(script: str, args: list[str], expected: list[st
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for text in expected:
         assert text in result.stdout
+
+
+@pytest.mark.slow
+def test_the_load_test_runs_every_scenario_and_judges_it(tmp_path: Path) -> None:
+    report = tmp_path / "loadtest.md"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "loadtest.py"), "--duration", "4", "--rate", "100",
+                             "--peak-rate", "250", "--output", str(report)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scenarios = json.loads(report.with_suffix(".json").read_text())["scenarios"]
+    assert [(s["scenario"], s["passed"]) for s in scenarios] == [
+        ("baseline", True), ("peak", True), ("burst", True), ("backend_failure", True), ("rate_limit", True),
+        ("budget", True)]
+    assert scenarios[0]["overhead_p50_ms"] is not None and scenarios[0]["calls"] >= 350
+    assert scenarios[4]["codes"].get("RESOURCE_EXHAUSTED/RATE_LIMIT_EXCEEDED", 0) > 0
+    assert scenarios[5]["codes"].get("RESOURCE_EXHAUSTED/BUDGET_EXCEEDED", 0) > 0
+    assert "| baseline | pass |" in report.read_text()

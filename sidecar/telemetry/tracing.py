@@ -49,7 +49,13 @@ INTERNAL, SERVER, CLIENT = (trace_pb2.Span.SPAN_KIND_INTERNAL, trace_pb2.Span.SP
                             trace_pb2.Span.SPAN_KIND_CLIENT)
 BATCH_SPANS = 512            # export at once when this many spans wait
 EXPORT_INTERVAL = 1.0        # otherwise every second
+_CALLS_PER_SLICE = 4        # calls' spans built between two yields to the event loop (~0.1 ms)
 _RATIO_SCALE = 1 << 64
+# attributes whose values are bounded (config, codes): their protobufs are built once and reused
+_BOUNDED_KEYS = frozenset({"rpc.system", "rpc.service", "rpc.method", "rpc.grpc.status_code", "server.address",
+                           "server.port", "sidecar.backend", "sidecar.org", "sidecar.api_key_id",
+                           "sidecar.routing_decision", "sidecar.reason", "sidecar.attempts", "gen_ai.request.model",
+                           "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"})
 _GRPC_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
 # server spans: the codes that mean the server failed (OTel RPC conventions); others are the caller's
 _SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
@@ -137,6 +143,7 @@ class Tracer:
         self._max_spans = telemetry.max_queued_spans
         self._resource = _resource(telemetry)
         self._failing = False
+        self._attributes: dict[tuple[str, Any], KeyValue] = {}
         self.exported = 0
 
     @property
@@ -193,8 +200,10 @@ class Tracer:
             return
         scheme, _, target = self.endpoint.partition("://")
         target = target.rstrip("/")
-        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials()) if scheme == "https"
-                         else grpc.aio.insecure_channel(target))
+        # a collector back after an outage is found within 5 s (grpc's default backoff grows to 2 min)
+        options = [("grpc.initial_reconnect_backoff_ms", 1000), ("grpc.max_reconnect_backoff_ms", 5000)]
+        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+                         if scheme == "https" else grpc.aio.insecure_channel(target, options=options))
         self._export = trace_service_pb2_grpc.TraceServiceStub(self._channel).Export  # type: ignore[no-untyped-call]
         while True:
             try:
@@ -215,7 +224,13 @@ class Tracer:
             batch, self._queue = self._queue[:take], self._queue[take:]
             self._queued_spans -= spans
             self._ready.clear()
-            request = self._request(batch)
+            assert self._channel is not None
+            if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                # the collector is known to be down (the channel retries it in the background):
+                # dropped without building a request nobody will take
+                TRACE_SPANS_DROPPED.labels("export_failed").inc(spans)
+                continue
+            request = await self._request(batch)
             try:
                 await self._export(request, timeout=timeout or self._timeout, metadata=self._headers)
             except (TimeoutError, grpc.aio.AioRpcError) as exc:
@@ -231,25 +246,41 @@ class Tracer:
                 self._failing = False
                 log.info("trace export recovered", extra={"endpoint": self.endpoint})
 
-    def _request(self, batch: Sequence[tuple[str, tuple[Span, ...]]]) -> Any:
+    async def _request(self, batch: Sequence[tuple[str, tuple[Span, ...]]]) -> Any:
+        """One OTLP request for the batch; yields to the event loop every few calls, so that
+        building a large batch never holds up the calls being served."""
         request = trace_service_pb2.ExportTraceServiceRequest()
         resource_spans = request.resource_spans.add()
         resource_spans.resource.CopyFrom(self._resource)
         scope_spans = resource_spans.scope_spans.add()
         scope_spans.scope.CopyFrom(_SCOPE)
         out = scope_spans.spans
-        for trace_id, spans in batch:
+        attribute = self._attribute
+        for n, (trace_id, spans) in enumerate(batch):
+            if n % _CALLS_PER_SLICE == _CALLS_PER_SLICE - 1:
+                await asyncio.sleep(0)
             tid = bytes.fromhex(trace_id)
             for span_id, parent, name, kind, start, end, attributes, error in spans:
                 span = out.add(trace_id=tid, span_id=bytes.fromhex(span_id), name=name, kind=kind,
                                start_time_unix_nano=start, end_time_unix_nano=end,
-                               attributes=[_attribute(k, v) for k, v in attributes])
+                               attributes=[attribute(k, v) for k, v in attributes])
                 if parent:
                     span.parent_span_id = bytes.fromhex(parent)
                 if error:
                     span.status.code = trace_pb2.Status.STATUS_CODE_ERROR
                     span.status.message = error
         return request
+
+    def _attribute(self, key: str, value: Any) -> KeyValue:
+        """Attributes whose values come from config or small fixed sets are built once."""
+        if key not in _BOUNDED_KEYS:
+            return _attribute(key, value)
+        made = self._attributes.get((key, value))
+        if made is None:
+            if len(self._attributes) >= 4096:
+                self._attributes.clear()
+            made = self._attributes[(key, value)] = _attribute(key, value)
+        return made
 
     async def aclose(self) -> None:
         """At shutdown: a last export (a short wait), then the channel closes."""

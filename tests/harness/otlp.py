@@ -74,13 +74,14 @@ class OtlpReceiver:
         self.hung_exports = 0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self._server)
-        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> OtlpReceiver:
+        """Binds its port and serves (until then, connections to the port are refused)."""
+        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         self._server.start()
         return self
 

@@ -60,3 +60,33 @@ def test_smoke_fails_when_nothing_listens() -> None:
                    "--skip-rate-limit")
     assert result.returncode == 1
     assert result.stdout.splitlines()[-1].startswith("0 of 7 checks passed")
+
+
+def admin(demo: list[str], *args: str, token: str = "demo-admin") -> subprocess.CompletedProcess[str]:
+    admin_address = demo[demo.index("--admin") + 1]
+    return subprocess.run([*SIDECAR, "admin", "--admin", admin_address, "--token", token, *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_admin_commands_the_runbooks_use(demo: list[str]) -> None:
+    import json
+
+    routes = json.loads(admin(demo, "routes").stdout)
+    assert [(b["name"], b["configured_weight"]) for b in routes["routes"][0]["backends"]] == [("a", 3.0), ("b", 1.0)]
+    drained = admin(demo, "override", "chat", "b", "--drain", "--ttl", "60", "--reason", "runbook test")
+    assert drained.returncode == 0 and json.loads(drained.stdout)["created_by"] == "demo-ops"
+    backends = json.loads(admin(demo, "routes", "--model", "chat").stdout)["routes"][0]["backends"]
+    assert {b["name"]: b.get("effective_weight", 0.0) for b in backends} == {"a": 3.0, "b": 0.0}
+    assert json.loads(admin(demo, "clear", "chat", "b").stdout) == {"cleared": True}
+    assert json.loads(admin(demo, "clear", "chat", "b").stdout) == {"cleared": False}
+    target = demo[demo.index("--target") + 1]
+    called = subprocess.run([*SIDECAR, "call", "--target", target, "--api-key", "demo-key", "--model", "chat",
+                             "--input", "hi", "--request-id", "runbook-req-1"], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert called.returncode == 0, called.stderr
+    record = json.loads(admin(demo, "audit", "runbook-req-1").stdout)
+    assert record["usage"]["org"] == "demo" and record["routing_decision"] == "primary"
+    missing = admin(demo, "audit", "no-such-request")
+    assert missing.returncode == 1 and json.loads(missing.stderr)["reason"] == "REQUEST_NOT_FOUND"
+    refused = admin(demo, "routes", token="wrong")
+    assert refused.returncode == 1 and json.loads(refused.stderr)["reason"] == "INVALID_API_KEY"

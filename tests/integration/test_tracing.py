@@ -193,6 +193,26 @@ def test_a_dead_collector_costs_spans_not_calls(launch: Launcher) -> None:
     assert any(line.get("msg", "").startswith("trace export failing") for line in sidecar.log_json())
 
 
+def test_a_collector_that_comes_back_gets_the_spans_of_new_calls(launch: Launcher) -> None:
+    receiver = OtlpReceiver()  # its port is chosen, nothing listens yet
+    backend = launch.backend()
+    sidecar = launch.sidecar(traced_config([("a", backend, 0)], receiver.endpoint))
+    try:
+        assert [call(sidecar) for _ in range(10)] == [None] * 10
+        wait_until(lambda: metric(sidecar, "api_router_trace_spans_dropped_total", {"reason": "export_failed"}) > 0,
+                   10, what="spans dropped while the collector is down")
+        receiver.start()
+        trace = os.urandom(16).hex()
+
+        def arrived() -> bool:  # calls go on; the spans of one made after the collector returned arrive
+            assert call(sidecar, traceparent=f"00-{trace}-{CALLER_SPAN}-01") is None
+            return bool(receiver.trace(trace))
+        wait_until(arrived, 20, what="spans exported again", interval=0.5)
+        assert any(line.get("msg") == "trace export recovered" for line in sidecar.log_json())
+    finally:
+        receiver.stop()
+
+
 def test_a_stuck_collector_costs_spans_not_calls(launch: Launcher, receiver: OtlpReceiver) -> None:
     backend = launch.backend()
     sidecar = launch.sidecar(traced_config([("a", backend, 0)], receiver.endpoint,
