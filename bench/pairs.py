@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from latency import Summary, Target, request_bytes, unary_batch
-from load import run_h2load
+from load import h2load_path, run_h2load
 from procs import Proc, loopback, start, stop, wait_serving
 from procs import cpu_seconds as process_cpu_seconds
 from run import MODEL, sidecar_config
@@ -107,3 +109,23 @@ def report(pairs: dict[str, Results], base: str, rounds: int) -> None:
         p99 = paired(results[variant]["p99_us"], results[base]["p99_us"])
         print(f"{variant} - {base}: {cpu[0]:+.0f} µs CPU/request (middle half of rounds {cpu[1]:+.0f} .. "
               f"{cpu[2]:+.0f}), {p50[0]:+.0f} µs p50, {p99[0]:+.0f} µs p99 (median of {rounds} paired rounds)\n")
+
+
+def run_main(script: str, args: argparse.Namespace,
+             measure: Callable[[argparse.Namespace, Path, list[Proc]], Awaitable[dict[str, Results]]],
+             base: str) -> int:
+    """A paired bench's `main`: needs h2load; a temporary directory and every process started
+    are cleaned up however the run ends; the report compares each variant with `base`."""
+    if h2load_path() is None:
+        print(f"{script} needs h2load (apt-get install nghttp2-client)", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix=f"sidecar-{Path(script).stem}-"))
+    procs: list[Proc] = []
+    try:
+        pairs = asyncio.run(measure(args, tmp, procs))
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(pairs, base, args.rounds)
+    return 0

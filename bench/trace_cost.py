@@ -15,17 +15,14 @@ the per-round differences (CPU per request, p50 and p99 latency at concurrency 1
 from __future__ import annotations
 
 import argparse
-import asyncio
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from latency import request_bytes
-from load import grpc_frame, h2load_path
-from pairs import Results, add_arguments, measure_pair, metric_total, report
-from procs import Proc, loopback, start, stop, wait_serving
+from load import grpc_frame
+from pairs import Results, add_arguments, measure_pair, metric_total, run_main
+from procs import Proc, loopback, start, wait_serving
 from run import MODEL
 
 VARIANTS = ("on", "dead")
@@ -73,20 +70,7 @@ async def measure(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dic
 
 
 def main() -> int:
-    args = parse_args()
-    if h2load_path() is None:
-        print("trace_cost.py needs h2load (apt-get install nghttp2-client)", file=sys.stderr)
-        return 2
-    tmp = Path(tempfile.mkdtemp(prefix="sidecar-trace-cost-"))
-    procs: list[Proc] = []
-    try:
-        pairs = asyncio.run(measure(args, tmp, procs))
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
-    report(pairs, "off", args.rounds)
-    return 0
+    return run_main("trace_cost.py", parse_args(), measure, "off")
 
 
 if __name__ == "__main__":

@@ -16,19 +16,16 @@ measures that part: the revision before usage records existed.) Needs h2load.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from latency import request_bytes
-from load import grpc_frame, h2load_path
-from pairs import Results, add_arguments, measure_pair, metric_total, report
-from procs import Proc, loopback, start, stop, wait_serving
+from load import grpc_frame
+from pairs import Results, add_arguments, measure_pair, metric_total, run_main
+from procs import Proc, loopback, start, wait_serving
 from run import MODEL
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -95,20 +92,7 @@ async def measure(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> dic
 
 
 def main() -> int:
-    args = parse_args()
-    if h2load_path() is None:
-        print("usage_cost.py needs h2load (apt-get install nghttp2-client)", file=sys.stderr)
-        return 2
-    tmp = Path(tempfile.mkdtemp(prefix="sidecar-usage-cost-"))
-    procs: list[Proc] = []
-    try:
-        pairs = asyncio.run(measure(args, tmp, procs))
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
-    report(pairs, "none", args.rounds)
-    return 0
+    return run_main("usage_cost.py", parse_args(), measure, "none")
 
 
 if __name__ == "__main__":
