@@ -49,7 +49,13 @@ from sidecar.tasks import Tasks
 from sidecar.telemetry.build import build_info
 from sidecar.telemetry.grpc_server import ObservedServer
 from sidecar.telemetry.logging import AccessLog
-from sidecar.telemetry.metrics import BUILD_INFO, CONFIG_RELOAD_RESULTS, CONFIG_RELOADS
+from sidecar.telemetry.metrics import (
+    BUILD_INFO,
+    CONFIG_RELOAD_RESULTS,
+    CONFIG_RELOADS,
+    TRACE_SPANS_DROPPED,
+    USAGE_RECORDS_DROPPED,
+)
 from sidecar.telemetry.tracing import Tracer
 from sidecar.usage.audit import AuditStore, MemoryAudit, RedisAudit
 from sidecar.usage.dlq import DeadLetters
@@ -79,8 +85,14 @@ class Sidecar:
         self.config = config
         self.config_path = config_path  # what reloads read; None: no reloads (e.g. `sidecar demo`)
         self._rejected_version: str | None = None  # the file's last rejected content
+        # series that only count rare events exist at 0 from the start, so that increase() sees
+        # their first event
         for result in CONFIG_RELOAD_RESULTS:
             CONFIG_RELOADS.labels(result)
+        for reason in ("spool_full", "refused_call"):
+            USAGE_RECORDS_DROPPED.labels(reason)
+        for reason in ("queue_full", "export_failed"):
+            TRACE_SPANS_DROPPED.labels(reason)
         BUILD_INFO.labels(**build_info()).set(1)
         self.health = Health(version)
         self.in_flight = InFlight()

@@ -54,3 +54,27 @@ def test_the_load_test_runs_every_scenario_and_judges_it(tmp_path: Path) -> None
     assert scenarios[4]["codes"].get("RESOURCE_EXHAUSTED/RATE_LIMIT_EXCEEDED", 0) > 0
     assert scenarios[5]["codes"].get("RESOURCE_EXHAUSTED/BUDGET_EXCEEDED", 0) > 0
     assert "| baseline | pass |" in report.read_text()
+
+
+def test_the_load_test_against_a_running_sidecar_skips_what_it_was_not_given(tmp_path: Path) -> None:
+    from tests.harness.procs import ManagedProcess, free_port, wait_until
+    from tests.harness.sidecar import SIDECAR, health_status
+
+    listen, admin, ops = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    demo = ManagedProcess([*SIDECAR, "demo", "--listen", listen, "--admin-listen", admin, "--ops-listen", ops],
+                          tmp_path / "demo.log", cwd=tmp_path)
+    try:
+        wait_until(lambda: health_status(listen) == "SERVING", 30, what="demo readiness", proc=demo)
+        report = tmp_path / "remote.md"
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / "loadtest.py"), "--target", listen, "--ops", ops,
+                                 "--api-key", "demo-key", "--duration", "2", "--rate", "50",
+                                 "--scenarios", "baseline,backend_failure,rate_limit,budget", "--output", str(report)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        demo.stop()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scenarios = json.loads(report.with_suffix(".json").read_text())["scenarios"]
+    assert [(s["scenario"], s["passed"]) for s in scenarios] == [
+        ("baseline", True), ("backend_failure", None), ("rate_limit", None), ("budget", None)]
+    assert scenarios[0]["codes"] == {"OK": scenarios[0]["calls"]} and scenarios[0]["calls"] >= 90
+    assert "| rate_limit | skipped |" in report.read_text()
