@@ -18,8 +18,9 @@ dead or hanging collector only costs spans: the queue is bounded (`max_queued_sp
 not fit or fails to export is dropped and counted, and calls never wait for it.
 
 Spans are built straight into OTLP protobufs rather than through the OpenTelemetry SDK: the
-SDK's span objects cost ~70 µs of CPU per call on the call path and ~90 µs more to encode; this
-costs a few µs on the path and ~25 µs in the exporter (bench/README.md).
+SDK's span objects cost ~70 µs of CPU per sampled call on the call path and ~90 µs more to
+encode; here a sampled call costs ~27 µs in all on its path and ~80 µs more with its export
+(`bench/trace_cost.py`, numbers in bench/README.md).
 """
 from __future__ import annotations
 
