@@ -8,13 +8,11 @@ promtool and amtool come from Debian's prometheus and prometheus-alertmanager pa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 import subprocess
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,9 @@ from tests.conftest import Launcher
 from tests.harness.load import INFER
 from tests.harness.otlp import OtlpReceiver
 from tests.harness.procs import ManagedProcess, free_port, wait_until
-from tests.harness.sidecar import SidecarProc, sidecar_config
+from tests.harness.sidecar import SidecarProc
+from tests.integration.test_metrics import KEYS
+from tests.integration.test_metrics import config as metrics_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
@@ -388,44 +388,11 @@ def test_every_dashboard_expression_parses(tmp_path: Path) -> None:
 # Labelled counters without a sample until their event happens (the family is declared all the
 # same); the traffic below produces a sample of every other referenced series.
 EVENT_ONLY = {
-    "api_router_usage_records_dropped_total", "api_router_usage_records_dead_lettered_total",
-    "api_router_usage_producer_rebuilds_total", "api_router_trace_spans_dropped_total",
+    "api_router_usage_records_dead_lettered_total", "api_router_usage_producer_rebuilds_total",
     "api_router_rate_limit_shadow_denials_total", "api_router_limit_degraded_decisions_total",
     "api_router_backend_ejections_total",
 }
 TARGET_LABELS = {"job", "instance"}   # added by Prometheus at scrape time
-KEYS = {"app": "sk-monitoring-app", "slow": "sk-monitoring-slow", "poor": "sk-monitoring-poor"}
-
-
-def monitoring_config(good: str, failing: str, bootstrap: str, spool: Path, otlp: str) -> str:
-    keys = "".join(f'    - {{id: {name}, sha256: "{hashlib.sha256(key.encode()).hexdigest()}", org: {name}-org}}\n'
-                   for name, key in KEYS.items())
-    return sidecar_config(f"""
-        chat:
-          backends:
-            - {{name: a, address: "{good}", weight: 1}}
-        flaky:
-          backends:
-            - {{name: f, address: "{failing}", weight: 1, priority: 0}}
-            - {{name: a, address: "{good}", weight: 1, priority: 1}}
-        """) + f"""auth:
-  api_keys:
-{keys}limits:
-  api_keys:
-    slow: {{requests_per_minute: 1, burst: 1}}
-budgets:
-  orgs:
-    poor-org: {{tokens_per_day: 5}}
-usage:
-  sink: kafka
-  spool_dir: {spool}
-  kafka: {{bootstrap_servers: "{bootstrap}", topic: monitoring-{uuid.uuid4().hex[:8]}}}
-telemetry:
-  otlp_endpoint: {otlp}
-  sample_ratio: 1.0
-"""
-
-
 def scrape(sidecar: SidecarProc) -> str:
     with urllib.request.urlopen(f"{sidecar.ops_url}/metrics", timeout=5) as response:
         return response.read().decode()  # type: ignore[no-any-return]
@@ -442,8 +409,9 @@ def test_every_metric_the_alerts_and_the_dashboard_use_is_exported_by_a_running_
     try:
         good = launch.backend()
         failing = launch.backend("--fail-rate", "1.0", "--fail-code", "UNAVAILABLE")
-        sidecar = launch.sidecar(monitoring_config(good.address, failing.address, kafka_bootstrap,
-                                                   tmp_path / "spool", receiver.endpoint))
+        # the metrics test's sidecar, with a failover tier for `flaky` and traces
+        sidecar = launch.sidecar(metrics_config(good, failing, kafka_bootstrap, tmp_path / "spool", failover=True,
+                                                extra=f"telemetry: {{otlp_endpoint: {receiver.endpoint}}}\n"))
         with grpc.insecure_channel(sidecar.listen) as channel:
             infer: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER)
 

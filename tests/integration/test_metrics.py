@@ -36,9 +36,13 @@ CONTRACT_NAMES = [
 CALLS = 1000
 
 
-def config(good: BackendProc, failing: BackendProc, bootstrap: str, spool: Path) -> str:
+def config(good: BackendProc, failing: BackendProc, bootstrap: str, spool: Path, *, failover: bool = False,
+           extra: str = "") -> str:
+    """Two models (`flaky` on a backend that fails every call; with `failover`, `good` as its
+    failover tier), three keys (one rate-limited, one with a tiny budget), usage to Kafka."""
     keys = "".join(f'    - {{id: {name}, sha256: "{hashlib.sha256(key.encode()).hexdigest()}", org: {name}-org}}\n'
                    for name, key in KEYS.items())
+    spare = f'{{name: a, address: "{good.address}", weight: 1, priority: 1}}' if failover else ""
     return sidecar_config(f"""
         chat:
           backends:
@@ -46,6 +50,7 @@ def config(good: BackendProc, failing: BackendProc, bootstrap: str, spool: Path)
         flaky:
           backends:
             - {{name: f, address: "{failing.address}", weight: 1}}
+            {"- " + spare if spare else ""}
         """) + f"""auth:
   api_keys:
 {keys}  admin_tokens: [{{id: ops, sha256: "{hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}"}}]
@@ -59,7 +64,7 @@ usage:
   sink: kafka
   spool_dir: {spool}
   kafka: {{bootstrap_servers: "{bootstrap}", topic: metrics-{uuid.uuid4().hex[:8]}}}
-"""
+""" + extra
 
 
 def infer(infer_call: grpc.UnaryUnaryMultiCallable[bytes, bytes], key: str, request_id: str,
