@@ -108,6 +108,7 @@ class Sidecar:
                 config.limits.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.health.backends_ok = self.router.any_routable
         self.health.components_from["backends"] = self.router.component
+        self.health.components_from["calls"] = lambda: {"status": "ok", "in_flight": self.in_flight.count}
         self.limit_store = limit_store(config)
         self.health.components_from["limits"] = self.limit_store.component
         self.usage = usage_sink(config)

@@ -1,9 +1,11 @@
 """`Call`: everything the pipeline knows about one inference request.
 
 Built once per RPC by the server from the raw request bytes and the caller's metadata; stages
-read and fill it in order (limits set `reservation`, route sets `backend`, the server sets
-`last_message`, `relayed` and `status`). The original
-request bytes travel to the backend untouched.
+read and fill it in order (limits set `reservation`, route sets `endpoint`, each backend
+attempt appends its `AttemptRecord`, the proxy sets `reported` and the server `last_message`,
+`relayed` and `status`). The original request bytes travel to the backend untouched.
+Plain data: the lifecycles that fill it (the call, its attempts, its reservation) are owned
+by `server.CallScope`, `attempt.Attempt` and `stages.limits.Limits`.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
-from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest, InferResponse
+from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
 from sidecar.errors import invalid_request, missing_field
-from sidecar.telemetry.tracing import (
+from sidecar.telemetry.trace_context import (
     Span,
     new_span_id,
     new_trace_id,
@@ -27,11 +29,11 @@ from sidecar.telemetry.tracing import (
 )
 
 if TYPE_CHECKING:
+    from sidecar.billing import Billed
     from sidecar.config import ModelConfig
+    from sidecar.limits.reservation import Reservation
     from sidecar.routing.channels import Backend
     from sidecar.routing.endpoints import Endpoint
-    from sidecar.routing.router import Attempt
-    from sidecar.stages.limits import Reservation
 
 # Metadata the backend receives from the caller. Credentials (`authorization`, `x-api-key`)
 # and everything else stay behind: a backend sees the request, its id and its trace context
@@ -42,6 +44,16 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces,
 
 def new_request_id() -> str:
     return os.urandom(16).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One ended try of a call on one backend, for billing and the usage and audit records."""
+
+    backend: str
+    status: str        # gRPC code name, or CANCELLED when the caller went away
+    duration_ms: float
+    address: str = ""
 
 
 @dataclass(slots=True)
@@ -59,9 +71,11 @@ class Call:
     api_key_id: str = ""             # the key's configured id, never the key
     model: ModelConfig | None = None
     endpoint: Endpoint | None = None  # the backend of the current attempt
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[AttemptRecord] = field(default_factory=list)
     reservation: Reservation | None = None  # tokens and budget charged ahead, settled at the end
     last_message: bytes | None = None  # the backend's response, or its last stream chunk so far
+    reported: tuple[int, int] | None = None  # (input, output) tokens the answer reported, clamped
+    usage_clamped: bool = False      # the backend reported more than the call could use
     relayed: bool = False            # a response message was handed to the caller
     decisions: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, result, detail), for audit
     routing_decision: str = ""       # primary | failover | override | affinity
@@ -72,7 +86,7 @@ class Call:
     span_id: str = ""                # the call's server span (recorded only when sampled)
     parent_span_id: str = ""         # the caller's span, from its traceparent
     spans: list[Span] | None = None  # finished child spans; None when the call is not sampled
-    _usage: tuple[int, int] | None | bool = False  # reported_usage(), once read
+    billed: Billed | None = None     # what the call is charged, decided once it ended (billing.bill)
 
     def parse(self) -> None:
         """Parses the request once; raises INVALID_REQUEST / MISSING_FIELD."""
@@ -95,20 +109,6 @@ class Call:
     def decide(self, stage: str, result: str, detail: str = "") -> None:
         """Notes one decision about the call (auth, rate_limit, budget, route) for its audit record."""
         self.decisions.append((stage, result, detail))
-
-    def reported_usage(self) -> tuple[int, int] | None:
-        """(input, output) tokens the backend reported in its last message, if it did (read once
-        the call has ended)."""
-        if self._usage is not False:
-            return self._usage  # type: ignore[return-value]
-        usage = None
-        if self.last_message is not None:
-            message = (InferChunk if self.streamed else InferResponse).FromString(self.last_message)
-            if message.HasField("usage"):
-                usage = message.usage.input_tokens, message.usage.output_tokens
-        if self.status != "UNKNOWN":
-            self._usage = usage
-        return usage
 
     @property
     def sampled(self) -> bool:

@@ -67,6 +67,11 @@ class ModelConfig(Section):
     # what a call reserves for its output when the request sets no max_output_tokens (token
     # limits and budgets reserve before the call and settle to the real usage after)
     default_max_output_tokens: int = Field(default=1024, ge=1)
+    # usage a backend reports beyond these per call is clamped to them, counted and flagged
+    # (billing.py); by default one token per input byte + 4096, and the request's
+    # max_output_tokens (32768 when it sets none)
+    max_reported_input_tokens: int | None = Field(default=None, ge=1)
+    max_reported_output_tokens: int | None = Field(default=None, ge=1)
     # weighted_random; or p2c_ewma: two weighted draws, the lower peak-EWMA latency x (in flight + 1) wins
     balancer: Literal["weighted_random", "p2c_ewma"] = "weighted_random"
     # session: calls with the same session_id go to the same backend (consistent hashing, bounded load)

@@ -2,17 +2,22 @@
 
 Each stage is an `async def __call__(call)` that fills in the `Call` or raises a `SidecarError`.
 The proxy itself (unary or stream) runs after the last stage, in `server.py`. Finishers run
-once when the call has ended, however it ended (refused, failed, cancelled or served); they
-must not block: what needs I/O is queued (the limit store batches settlements). A finisher may
-return an awaitable the response must wait for (strict usage durability); `finish` returns it.
+once when the call has ended, however it ended (refused, failed, cancelled or served:
+`server.CallScope` runs them); they must not block: what needs I/O is queued (the limit store
+batches settlements). Each finisher runs even if one before it raised: that one is logged and
+counted (`api_router_call_finisher_errors_total`), so a broken settlement cannot cost a call
+its usage record, metrics or log line. A finisher may return an awaitable the response must
+wait for (strict usage durability); `finish` returns it.
 
 A stage with a `span_name` gets a child span of the call's server span when the call is
 sampled (see telemetry/tracing.py); unsampled calls run the plain loop.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from sidecar.call import Call
 from sidecar.config import Config
@@ -24,18 +29,22 @@ from sidecar.stages.route import PickBackend, ResolveModel
 from sidecar.stages.usage import RecordUsage, UsageCapacity
 from sidecar.telemetry.grpc_server import ObserveInference
 from sidecar.telemetry.logging import AccessLog
+from sidecar.telemetry.metrics import CALL_FINISHER_ERRORS
 from sidecar.telemetry.tracing import INTERNAL, Tracer, record
 from sidecar.usage.audit import AuditStore
 from sidecar.usage.sinks import UsageSink
 
 Stage = Callable[[Call], Awaitable[None]]
 Finisher = Callable[[Call], Awaitable[None] | None]
+log = logging.getLogger("sidecar.pipeline")
+FAILURE_LOG_SECONDS = 60.0  # a finisher that keeps failing logs its traceback once a minute
 
 
 class Pipeline:
     def __init__(self, stages: Sequence[Stage], finishers: Sequence[Finisher] = ()) -> None:
         self.stages = tuple(stages)
         self.finishers = tuple(finishers)
+        self._guarded = tuple(_Guarded(f) for f in finishers)
         self._traced_stages = tuple((s, getattr(s, "span_name", "")) for s in self.stages)
 
     async def admit(self, call: Call) -> None:
@@ -56,13 +65,40 @@ class Pipeline:
             record(call, span_name, INTERNAL, started)
 
     def finish(self, call: Call) -> Awaitable[None] | None:
+        """Runs every finisher once, in order; returns what the response must wait for."""
         wait = None
-        for finisher in self.finishers:
-            wait = finisher(call) or wait
+        for guarded in self._guarded:
+            try:
+                wait = guarded.finisher(call) or wait
+            except Exception as exc:  # noqa: BLE001 - one finisher's failure must not stop the others
+                guarded.failed(call, exc)
         return wait
 
     def __repr__(self) -> str:
         return f"<Pipeline {' -> '.join(type(s).__name__ for s in self.stages)}>"
+
+
+class _Guarded:
+    """A finisher with its failure counter and log throttle."""
+
+    __slots__ = ("_errors", "_logged_at", "_unlogged", "finisher", "name")
+
+    def __init__(self, finisher: Finisher) -> None:
+        self.finisher = finisher
+        self.name: str = getattr(finisher, "__qualname__", None) or type(finisher).__name__
+        self._errors: Any = CALL_FINISHER_ERRORS.labels(self.name)  # exists at 0 from the start
+        self._logged_at = -FAILURE_LOG_SECONDS
+        self._unlogged = 0
+
+    def failed(self, call: Call, exc: Exception) -> None:
+        self._errors.inc()
+        now = time.monotonic()
+        if now - self._logged_at < FAILURE_LOG_SECONDS:
+            self._unlogged += 1
+            return
+        log.error("call finisher failed; the others ran", exc_info=exc, extra={
+            "finisher": self.name, "request_id": call.request_id, "failures_not_logged": self._unlogged})
+        self._logged_at, self._unlogged = now, 0
 
 
 def _failure(exc: BaseException) -> str:

@@ -1,16 +1,18 @@
 """The `inference.v1.Inference` handlers: raw bytes in, raw bytes out.
 
 Registered without (de)serializers, so the request arrives as the caller's bytes and the
-backend's response bytes go back untouched. Each handler: read the metadata, parse the request
-once, run the pipeline, proxy, and on any failure hand the exception to `errors.rescue()`;
-whatever happened, run the pipeline's finishers exactly once.
-`InFlight` counts calls so that shutdown can wait for them.
+backend's response bytes go back untouched. Each handler runs inside one `CallScope`, the
+owner of the call's lifecycle: it admits the call (metadata, parse, the pipeline's stages) and
+ends it however it ends, and nothing else does. `InFlight` counts calls so that shutdown can
+wait for them.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from types import TracebackType
 
 import grpc
 
@@ -64,10 +66,10 @@ class InFlight:
 class InferenceHandlers:
     def __init__(self, pipeline: Pipeline, in_flight: InFlight, router: Router,
                  sampling: Callable[[], float | None] = lambda: None) -> None:
-        self._pipeline = pipeline
-        self._in_flight = in_flight
+        self.pipeline = pipeline
+        self.in_flight = in_flight
         self._router = router
-        self._sampling = sampling  # the tracer's ratio for new calls; None: tracing is off
+        self.sampling = sampling  # the tracer's ratio for new calls; None: tracing is off
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
         return {
@@ -75,70 +77,85 @@ class InferenceHandlers:
             "InferStream": grpc.unary_stream_rpc_method_handler(self.infer_stream),
         }
 
-    async def _admit(self, method: str, raw: bytes, context: Context) -> Call:
-        call = begin_call(method, raw, tuple(context.invocation_metadata() or ()), context.time_remaining(),
-                          self._sampling())
-        try:
-            self._in_flight.enter()
-        except SidecarError as exc:
-            await _abort(context, call, exc)
-        try:
-            call.parse()
-            await self._pipeline.admit(call)
-        except BaseException as exc:  # noqa: BLE001 - every failure goes to rescue(); cancellation passes
-            self._in_flight.leave()
-            try:
-                await _abort(context, call, exc)
-            finally:
-                await _finished(self._pipeline, call)  # after the status is known
-        return call
-
     async def infer(self, raw: bytes, context: Context) -> bytes:
-        call = await self._admit("Infer", raw, context)
-        attempt: proxy.UnaryAttempt | None = None
-        try:
-            attempt = proxy.start_unary(call, self._router)
-            await context.send_initial_metadata((("x-request-id", call.request_id),))
-            response = await proxy.finish_unary(call, attempt, self._router)
-            call.last_message, call.relayed, call.status = response, True, "OK"
+        async with CallScope(self, "Infer", raw, context) as call:
+            response = await proxy.unary(call, self._router, lambda: context.send_initial_metadata(
+                (("x-request-id", call.request_id),)))
+            call.last_message, call.relayed = response, True
             return response
-        except Exception as exc:
-            await _abort(context, call, exc)
-            raise  # unreachable: abort raises
-        finally:
-            if attempt is not None:
-                attempt.end(call, self._router, None)  # a no-op unless the caller left before the answer
-            self._in_flight.leave()
-            await _finished(self._pipeline, call)
 
     async def infer_stream(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
-        call = await self._admit("InferStream", raw, context)
-        try:
+        async with CallScope(self, "InferStream", raw, context) as call:
             await context.send_initial_metadata((("x-request-id", call.request_id),))
-            async for chunk in proxy.relay_stream(call, self._router):
-                call.last_message, call.relayed = chunk, True
-                yield chunk
+            # closed here, not by the garbage collector: when the caller leaves mid-stream, the
+            # backend attempt ends (and is recorded) before the call's finishers run
+            async with contextlib.aclosing(proxy.relay_stream(call, self._router)) as chunks:
+                async for chunk in chunks:
+                    call.last_message, call.relayed = chunk, True
+                    yield chunk
+
+
+class CallScope:
+    """Owns one inference call from its arrival to its last finisher.
+
+    Entering reads the caller's metadata into a `Call`, counts it in flight, parses it and runs
+    the pipeline's stages. Leaving -- however the call ends: served, refused, failed, cancelled
+    by the caller, past its deadline, or closed mid-stream -- sets its final status, runs every
+    finisher (each one even if another raised), waits under strict usage durability until the
+    usage record is on disk, only then counts the call out of flight (so that a draining
+    shutdown waits for that record instead of cancelling a served call), and last sends the
+    error status, if any. Entering that fails ends the call the same way.
+    """
+
+    __slots__ = ("_context", "_counted", "_handlers", "call")
+
+    def __init__(self, handlers: InferenceHandlers, method: str, raw: bytes, context: Context) -> None:
+        self._handlers = handlers
+        self._context = context
+        self.call = begin_call(method, raw, tuple(context.invocation_metadata() or ()), context.time_remaining(),
+                               handlers.sampling())
+        self._counted = False
+
+    async def __aenter__(self) -> Call:
+        try:
+            self._handlers.in_flight.enter()
+            self._counted = True
+            self.call.parse()
+            await self._handlers.pipeline.admit(self.call)
+        except BaseException as exc:
+            await self._end(exc)
+            raise
+        return self.call
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._end(exc)
+
+    async def _end(self, exc: BaseException | None) -> None:
+        """Ends the call once; raises grpc's abort for an error status."""
+        call = self.call
+        rescued: errors.Rescued | None = None
+        if exc is None:
             call.status = "OK"
-        except Exception as exc:  # noqa: BLE001 - every failure goes to rescue()
-            await _abort(context, call, exc)
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the RPC ended under us
+            remaining = self._context.time_remaining()
+            call.status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        else:
+            rescued = errors.rescue(exc, call.request_id)
+            call.status, call.reason = rescued.code.name, rescued.reason
+        try:
+            durable = self._handlers.pipeline.finish(call)
+            if durable is not None:
+                await asyncio.shield(durable)
+        except Exception as failure:  # noqa: BLE001 - strict durability: the record is not on disk
+            log.error("usage record not durable; the call fails", extra={"request_id": call.request_id,
+                                                                        "error": repr(failure)})
+            rescued = errors.rescue(SidecarError(
+                "SERVICE_UNAVAILABLE", "the usage record of this call could not be written; retry later"),
+                call.request_id)
         finally:
-            self._in_flight.leave()
-            await _finished(self._pipeline, call)
-
-
-async def _finished(pipeline: Pipeline, call: Call) -> None:
-    """Runs the finishers; under strict usage durability, waits until the record is on disk
-    (the response, or the error status, goes out only after this)."""
-    wait = pipeline.finish(call)
-    if wait is not None:
-        await asyncio.shield(wait)
-
-
-async def _abort(context: Context, call: Call, exc: BaseException) -> None:
-    """Ends the RPC with the rescued status; always raises (grpc's abort exception)."""
-    if isinstance(exc, asyncio.CancelledError):
-        call.status = "CANCELLED"
-        raise exc
-    rescued = errors.rescue(exc, call.request_id)
-    call.status, call.reason = rescued.code.name, rescued.reason
-    await context.abort(rescued.code, rescued.message, rescued.trailing_metadata)
+            if self._counted:
+                self._counted = False
+                self._handlers.in_flight.leave()
+        if rescued is not None:
+            await self._context.abort(rescued.code, rescued.message, rescued.trailing_metadata)

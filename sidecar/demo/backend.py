@@ -9,6 +9,9 @@ was generated. Knobs for tests and load tests:
 - `--fail-rate F` / `--fail-code CODE`: fail that share of calls with that gRPC code.
 - `--chunk-bytes N`: add N bytes of `delta_bytes` to every streamed chunk (large streams).
 - request `parameters` override per call: `delay_ms`, `fail_code`, `tokens`, `chunk_delay_ms`.
+- request `parameters` that play a broken backend: `garble: true` answers (or ends a stream
+  with) bytes that are not an `InferResponse`/`InferChunk`; `report_output_tokens: N` reports N
+  output tokens whatever was generated.
 - `--log-calls`: one JSON line per call on stdout when it starts (`call_started`) and when it ends
   (`call`: request id, metadata keys received, outcome `ok`, `failed` or `cancelled`).
 """
@@ -26,10 +29,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from sidecar_client.inference.v1 import inference_pb2, inference_pb2_grpc
+from sidecar_client.inference.v1 import inference_pb2
 from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest, InferResponse, Usage
 
 Context = grpc.aio.ServicerContext[InferRequest, Any]
+GARBAGE = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"  # a field whose length varint never ends
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,13 @@ class _Plan:
     delay: float
     chunk_delay: float
     fail_code: grpc.StatusCode | None
+    garble: bool = False
+    report_output_tokens: int | None = None
 
 
-class DemoBackend(inference_pb2_grpc.InferenceServicer):
+class DemoBackend:
+    """`inference.v1.Inference`, registered by `add_backend_to_server` (it may answer raw bytes)."""
+
     def __init__(self, options: DemoOptions) -> None:
         self.options = options
         self._rng = random.Random(options.seed)
@@ -74,21 +82,25 @@ class DemoBackend(inference_pb2_grpc.InferenceServicer):
         fail_code = params.get("fail_code")
         if fail_code is None and self.options.fail_rate and self._rng.random() < self.options.fail_rate:
             fail_code = self.options.fail_code
+        reported = params.get("report_output_tokens")
         return _Plan(tokens, finish, float(params.get("delay_ms", self.options.delay_ms)) / 1000.0,
                      float(params.get("chunk_delay_ms", 0)) / 1000.0,
-                     grpc.StatusCode[str(fail_code)] if fail_code else None)
+                     grpc.StatusCode[str(fail_code)] if fail_code else None, bool(params.get("garble")),
+                     None if reported is None else int(reported))
 
-    async def Infer(self, request: InferRequest, context: Context) -> InferResponse:
+    async def Infer(self, request: InferRequest, context: Context) -> InferResponse | bytes:
         plan = self._plan(request)
         async with self._observed("Infer", request, context):
             await self._prelude(plan, context)
+            if plan.garble:
+                return GARBAGE
             return InferResponse(model=request.model, output=" ".join(plan.tokens), output_bytes=request.input_bytes,
                                  usage=Usage(input_tokens=len(request.input.split()),
-                                             output_tokens=len(plan.tokens)),
+                                             output_tokens=_reported(plan, len(plan.tokens))),
                                  finish_reason=plan.finish_reason)
 
     async def InferStream(self, request: InferRequest,
-                          context: Context) -> AsyncIterator[InferChunk]:
+                          context: Context) -> AsyncIterator[InferChunk | bytes]:
         plan = self._plan(request)
         async with self._observed("InferStream", request, context):
             await self._prelude(plan, context)
@@ -96,9 +108,10 @@ class DemoBackend(inference_pb2_grpc.InferenceServicer):
             for i, token in enumerate(plan.tokens):
                 chunk = InferChunk(delta=token if i == 0 else " " + token, delta_bytes=self._padding)
                 if i == last:
-                    chunk.usage.CopyFrom(Usage(input_tokens=len(request.input.split()), output_tokens=i + 1))
+                    chunk.usage.CopyFrom(Usage(input_tokens=len(request.input.split()),
+                                               output_tokens=_reported(plan, i + 1)))
                     chunk.finish_reason = plan.finish_reason
-                yield chunk
+                yield GARBAGE if i == last and plan.garble else chunk
                 if plan.chunk_delay:
                     await asyncio.sleep(plan.chunk_delay)
             if last < 0:
@@ -113,6 +126,26 @@ class DemoBackend(inference_pb2_grpc.InferenceServicer):
 
     def _observed(self, method: str, request: InferRequest, context: Context) -> _CallLog:
         return _CallLog(self.options.log_calls, method, request, context)
+
+
+def _reported(plan: _Plan, generated: int) -> int:
+    return generated if plan.report_output_tokens is None else plan.report_output_tokens
+
+
+def _serialize(message: InferResponse | InferChunk | bytes) -> bytes:
+    """Messages as usual; raw bytes (a garbled answer) as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_backend_to_server(backend: DemoBackend, server: grpc.aio.Server) -> None:
+    """Registers `inference.v1.Inference` with a serializer that can also send raw bytes."""
+    handlers = {
+        "Infer": grpc.unary_unary_rpc_method_handler(
+            backend.Infer, request_deserializer=InferRequest.FromString, response_serializer=_serialize),
+        "InferStream": grpc.unary_stream_rpc_method_handler(
+            backend.InferStream, request_deserializer=InferRequest.FromString, response_serializer=_serialize),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.v1.Inference", handlers),))
 
 
 class _CallLog:
@@ -153,7 +186,7 @@ async def serve_backend(listen: str, options: DemoOptions, ready: asyncio.Event 
     """Serves until `stop` is set (or forever); prints one JSON `listening` line when ready."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(DemoBackend(options), server)
+    add_backend_to_server(DemoBackend(options), server)
     health = HealthServicer()
     for service in ("", inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -14,13 +14,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from sidecar.call import Call
+from sidecar.call import AttemptRecord, Call
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.routing.affinity import HashRing
@@ -36,6 +35,7 @@ from sidecar.telemetry.metrics import (
     BACKEND_ERRORS,
     BACKEND_HEALTHY,
     BACKEND_REQUESTS,
+    BACKEND_USAGE_CLAMPED,
     ROUTING_DECISIONS,
 )
 
@@ -43,16 +43,6 @@ log = logging.getLogger("sidecar.routing")
 # outcomes that count against a backend (DEADLINE_EXCEEDED only when the backend's own time ran out)
 BACKEND_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 MIN_RETRY_SECONDS = 0.01  # a retry needs at least this much of the deadline left
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One try of a call on one backend, for the usage and audit records."""
-
-    backend: str
-    status: str        # gRPC code name, or CANCELLED when the caller went away
-    duration_ms: float
-    address: str = ""
 
 
 class Router:
@@ -65,11 +55,13 @@ class Router:
         self._budget = RetryBudget(config.retries.budget_percent, config.retries.min_retries_per_second, clock)
         self.overrides = OverrideTable(Path(config.state_dir) / OVERRIDES_FILE)  # app.py may give it Redis
         self._pins: dict[str, Endpoint] = {}
+        self._override_timer: asyncio.TimerHandle | None = None  # the next expiry's re-apply
         self.on_change: Callable[[], None] = lambda: None
         self._build(config, {model: [Endpoint(b) for b in group] for model, group in backends.items()})
         for group in self.endpoints.values():
             for endpoint in group:
                 BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
+                BACKEND_USAGE_CLAMPED.labels(endpoint.backend.model, endpoint.name)  # a rare event: exists at 0
 
     def _build(self, config: Config, endpoints: dict[str, list[Endpoint]]) -> None:
         """The tables and settings taken from a config: at start, and on every reload."""
@@ -116,6 +108,7 @@ class Router:
         self._build(config, endpoints)
         for endpoint in added:
             BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
+            BACKEND_USAGE_CLAMPED.labels(endpoint.backend.model, endpoint.name)
         if not config.health_checks.enabled:  # as at a start without checks: nothing marks them down
             for group in endpoints.values():
                 for endpoint in group:
@@ -213,6 +206,7 @@ class Router:
             for each in group:
                 each.override_weight, each.drained = None, False
         self._pins = {}
+        next_expiry = 0.0
         for override in self.overrides.live(now):
             target = self.endpoint(override.model, override.backend)
             if target is None:
@@ -223,8 +217,11 @@ class Router:
                 target.drained = True
             else:
                 self._pins[override.model] = target
-            if override.expires_at:
-                _later(override.expires_at - now, self.apply_overrides)
+            if override.expires_at and (not next_expiry or override.expires_at < next_expiry):
+                next_expiry = override.expires_at
+        if self._override_timer is not None:  # one timer, for the next expiry: applies never stack them
+            self._override_timer.cancel()
+        self._override_timer = _later(next_expiry - now, self.apply_overrides) if next_expiry else None
 
     # --- learning from outcomes ---------------------------------------------------------------
 
@@ -238,7 +235,7 @@ class Router:
         endpoint.in_flight -= 1
         seconds = time.perf_counter() - started
         name = code.name if code is not None else "CANCELLED"
-        call.attempts.append(Attempt(endpoint.name, name, round(seconds * 1000, 3), endpoint.backend.config.address))
+        call.attempts.append(AttemptRecord(endpoint.name, name, round(seconds * 1000, 3), endpoint.backend.config.address))
         _observe(endpoint, name, seconds, {"trace_id": call.trace_id} if call.spans is not None else None)
         if code is None or endpoint.retired:
             return  # the caller went away, or a reload removed the backend while the call ran
@@ -285,20 +282,22 @@ class Router:
         now = self._clock()
         models = {model: {e.name: ("ejected" if e.ejected(now) else "healthy" if e.healthy else "unhealthy")
                           for e in group} for model, group in self.endpoints.items()}
-        return {"status": "ok" if self.any_routable() else "no_healthy_backend", "models": models}
+        in_flight = {model: {e.name: e.in_flight for e in group} for model, group in self.endpoints.items()}
+        return {"status": "ok" if self.any_routable() else "no_healthy_backend", "models": models,
+                "in_flight": in_flight}
 
     def __repr__(self) -> str:
         return f"<Router models={sorted(self.endpoints)} {self._budget!r}>"
 
 
-def _later(seconds: float, callback: Callable[[], None]) -> None:
+def _later(seconds: float, callback: Callable[[], None]) -> asyncio.TimerHandle | None:
     """Runs `callback` once `seconds` are over (an ejection, an override) when an event loop runs:
     always in the sidecar; pure use without one relies on the next check or call instead."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return
-    loop.call_later(seconds + 0.001, callback)
+        return None
+    return loop.call_later(seconds + 0.001, callback)
 
 
 def _chosen(call: Call, endpoint: Endpoint, decision: str) -> None:

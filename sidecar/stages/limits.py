@@ -2,12 +2,9 @@
 
 Runs after authentication and model resolution (org, key id and model are known) and before a
 backend is picked, so a throttled call never takes one. Token rates and budgets are charged an
-estimate now (input size + max_output_tokens) and corrected when the call ends (`finish`):
-
-1. the backend answered with usage: charged the actual tokens (and their cost);
-2. nothing reached the caller (refused later, failed, cancelled before the first message):
-   the reservation is released;
-3. a stream cut after messages were relayed, or an answer without usage: the estimate stands.
+estimate now (input size + max_output_tokens) and corrected when the call ends (`finish`) to
+what the call is billed (billing.py): the backend's reported usage, the estimate for every
+attempt the backend may have worked on without reporting, nothing when no backend worked on it.
 
 Denials: RESOURCE_EXHAUSTED / RATE_LIMIT_EXCEEDED with RetryInfo (the real wait) and the
 limit's name, or RESOURCE_EXHAUSTED / BUDGET_EXCEEDED with QuotaFailure.
@@ -17,17 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
+from sidecar.billing import bill
 from sidecar.call import Call
 from sidecar.config import Config, PerConfig, RateRule
 from sidecar.errors import SidecarError
 from sidecar.limits.budget import MICROS, Budget, cost_micros, day_window, estimate_tokens, month_window
 from sidecar.limits.gcra import Rate
+from sidecar.limits.reservation import Reservation
 from sidecar.limits.store import Ask, LimitStore, Verdict
 from sidecar.telemetry.metrics import (
     BUDGET_DENIALS,
@@ -49,15 +47,6 @@ def rates_of(prefix: str, rule: RateRule) -> list[Rate]:
         rates.append(Rate(f"{prefix}:tokens_per_minute", rule.tokens_per_minute / 60.0,
                           float(rule.token_burst or rule.tokens_per_minute), rule.shadow, tokens=True))
     return rates
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What a call was charged beyond its request count; settled by `Limits.finish`."""
-
-    ask: Ask
-    degraded: bool
-    charged: tuple[float, ...]  # units each rate was charged (by the store that decided)
 
 
 class LimitTable:
@@ -150,16 +139,15 @@ class Limits:
         return over_budget(call.org, ask.budgets[i], verdict.budget_used, ask.budget_costs[i])
 
     def finish(self, call: Call) -> None:
-        """Called once when the call has ended, however it ended; settles its reservation."""
+        """Pipeline finisher, run once when the call has ended however it ended: settles its
+        reservation to what the call is billed (`billing.bill`: the usage record's numbers)."""
         reservation: Reservation | None = call.reservation
         if reservation is None:
             return
         call.reservation = None
-        actual = call.reported_usage() if call.status == "OK" else None
-        if actual is None and call.relayed:
-            return  # case 3: the estimate stands
+        billed = bill(call)
+        used_in, used_out = billed.input_tokens, billed.output_tokens
         ask = reservation.ask
-        used_in, used_out = actual if actual is not None else (0, 0)
         rate_deltas = tuple(float(used_in + used_out) - units if r.tokens else 0.0
                             for r, units in zip(ask.rates, reservation.charged, strict=True))
         price = self._tables.get(self._config()).prices.get(call.request.model)

@@ -2,134 +2,89 @@
 
 The last step of a call. Unary responses come back as bytes; streams are relayed chunk by
 chunk, pulling the next chunk only after the caller took the previous one (gRPC flow control
-does the rest), so a long stream never sits in memory. Every attempt is reported to the router.
+does the rest), so a long stream never sits in memory. Each try is an `Attempt` (attempt.py),
+which alone starts and ends it whatever happens.
 
-A failed attempt is retried on another backend only before the commit point — the first
+The usage of the final answer (the response, or a stream's last chunk) is read here, before the
+answer or the stream's end reaches the caller (`billing.read_usage`): an answer that does not
+parse fails the call with INTERNAL / BACKEND_ERROR instead of being relayed as garbage.
+
+A failed attempt is retried on another backend only before the commit point -- the first
 response message: a unary call until it answered, a stream until its first chunk was relayed
-— and only when the router allows it (retryable code, attempts, deadline, retry budget). A
+-- and only when the router allows it (retryable code, attempts, deadline, retry budget). A
 stream never replays: after its first chunk, a failure ends the call. Backend failures are
 translated here, at the boundary, into catalog errors.
 """
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import grpc
 
+from sidecar.attempt import Attempt
+from sidecar.billing import Garbled, read_usage
 from sidecar.call import Call
 from sidecar.errors import BACKEND_ERROR, SidecarError
 from sidecar.routing.channels import Backend
 from sidecar.routing.router import Router
-from sidecar.telemetry.tracing import CLIENT, attempt_attributes, new_span_id, record
 
 
-class UnaryAttempt:
-    """One unary attempt in flight on `call.endpoint`."""
-
-    def __init__(self, call: Call, router: Router) -> None:
-        self.endpoint = call.endpoint
-        assert self.endpoint is not None
-        timeout = call.backend_timeout()
-        self.capped = call.model_timeout_binds(timeout)
-        self.span = _AttemptSpan(call) if call.spans is not None else None
-        self.started = router.attempt_started(self.endpoint)
-        self.ended = False
-        self.rpc: grpc.aio.UnaryUnaryCall[bytes, bytes] = self.endpoint.backend.infer(
-            call.raw_request, timeout=timeout,
-            metadata=call.forward_metadata if self.span is None else self.span.metadata)
-
-    def end(self, call: Call, router: Router, code: grpc.StatusCode | None) -> None:
-        """Reports the attempt once; `code` None = the caller went away (the backend call is cancelled)."""
-        if self.ended:
-            return
-        self.ended = True
-        assert self.endpoint is not None
-        if code is None:
-            self.rpc.cancel()
-        router.attempt_ended(call, self.endpoint, code, self.started, self.capped)
-        if self.span is not None:
-            self.span.end(call, self.endpoint.backend, code)
-
-
-class _AttemptSpan:
-    """The client span of one attempt of a sampled call; the backend gets it as parent."""
-
-    __slots__ = ("metadata", "span_id", "started")
-
-    def __init__(self, call: Call) -> None:
-        self.span_id = new_span_id()
-        self.started = time.time_ns()
-        self.metadata = call.attempt_metadata(self.span_id)
-
-    def end(self, call: Call, backend: Backend, code: grpc.StatusCode | None) -> None:
-        name = code.name if code is not None else "CANCELLED"
-        record(call, f"inference.v1.Inference/{call.method}", CLIENT, self.started,
-               attempt_attributes(call, backend.config.address, backend.name, name),
-               error="" if code == grpc.StatusCode.OK else name, span_id=self.span_id)
-
-
-def start_unary(call: Call, router: Router) -> UnaryAttempt:
-    """Starts the backend call at once, so it runs while the server sends response headers."""
-    return UnaryAttempt(call, router)
-
-
-async def finish_unary(call: Call, attempt: UnaryAttempt, router: Router) -> bytes:
+async def unary(call: Call, router: Router, started: Callable[[], Awaitable[None]]) -> bytes:
     """The backend's answer, retrying on another backend while the router allows it.
 
-    The caller must `end(call, router, None)` the attempt it started if it never gets here."""
+    `started` runs once, when the first backend call is on its way (the server sends the caller
+    its response headers meanwhile)."""
+    first = True
     while True:
-        assert attempt.endpoint is not None
-        try:
-            response: bytes = await attempt.rpc
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            attempt.end(call, router, code)
-            failed = attempt.endpoint.backend
-            if router.retry(call, code):
-                attempt = UnaryAttempt(call, router)
-                continue
-            raise backend_failure(exc, failed) from None
-        except asyncio.CancelledError:
-            attempt.end(call, router, None)
-            raise
-        attempt.end(call, router, grpc.StatusCode.OK)
-        return response
+        with Attempt(call, router) as attempt:
+            rpc = attempt.unary()
+            if first:
+                first = False
+                await started()
+            try:
+                response: bytes = await rpc
+            except grpc.aio.AioRpcError as exc:
+                attempt.code, failure = exc.code(), exc
+            else:
+                _read_usage(call, attempt, response)
+                return response
+        if not router.retry(call, failure.code()):
+            raise backend_failure(failure, attempt.endpoint.backend)
 
 
-async def relay_stream(call: Call, router: Router) -> AsyncIterator[bytes]:
-    """The backend's chunks; retried on another backend only while no chunk was relayed."""
+async def relay_stream(call: Call, router: Router) -> AsyncGenerator[bytes, None]:
+    """The backend's chunks; retried on another backend only while no chunk was relayed.
+
+    The caller must close this generator (`contextlib.aclosing`) so that an attempt whose
+    caller went away ends before the call's finishers run, not when it is garbage collected."""
     while True:
-        endpoint = call.endpoint
-        assert endpoint is not None
-        timeout = call.backend_timeout()
-        capped = call.model_timeout_binds(timeout)
-        span = _AttemptSpan(call) if call.spans is not None else None
-        started = router.attempt_started(endpoint)
-        rpc = endpoint.backend.infer_stream(call.raw_request, timeout=timeout,
-                                            metadata=call.forward_metadata if span is None else span.metadata)
-        code: grpc.StatusCode | None = None  # None until known: the caller went away
-        failure: SidecarError | None = None
-        relayed = False
-        try:
-            async for chunk in rpc:
-                relayed = True
-                yield chunk
-            code = grpc.StatusCode.OK
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            failure = backend_failure(exc, endpoint.backend)
-        finally:
-            rpc.cancel()  # a no-op once finished; stops the backend when the caller went away
-            router.attempt_ended(call, endpoint, code, started, capped)
-            if span is not None:
-                span.end(call, endpoint.backend, code)
-        if failure is None:
-            return
-        assert code is not None
-        if relayed or not router.retry(call, code):
-            raise failure
+        with Attempt(call, router) as attempt:
+            last: bytes | None = None
+            try:
+                async for chunk in attempt.stream():
+                    last = chunk
+                    yield chunk
+            except grpc.aio.AioRpcError as exc:
+                attempt.code, failure = exc.code(), exc
+            else:
+                if last is not None:
+                    _read_usage(call, attempt, last)
+                return
+        if last is not None or not router.retry(call, failure.code()):
+            raise backend_failure(failure, attempt.endpoint.backend)
+
+
+def _read_usage(call: Call, attempt: Attempt, answer: bytes) -> None:
+    try:
+        read_usage(call, answer)
+    except Garbled as exc:
+        attempt.code = grpc.StatusCode.INTERNAL  # a backend fault: the call fails, the backend is blamed
+        backend = attempt.endpoint.backend
+        expected = "InferChunk" if call.streamed else "InferResponse"
+        raise SidecarError(BACKEND_ERROR, f"backend {backend.name!r} answered with bytes that are not an "
+                           f"inference.v1.{expected}", code=grpc.StatusCode.INTERNAL,
+                           metadata={"model": backend.model, "backend": backend.name, "backend_code": "OK",
+                                     "error": str(exc)}) from None
 
 
 def backend_failure(exc: grpc.aio.AioRpcError, backend: Backend) -> SidecarError:

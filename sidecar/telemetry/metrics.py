@@ -38,6 +38,12 @@ BACKEND_DURATION = Histogram(
 BACKEND_ERRORS = Counter(
     "api_router_backend_errors", "Attempts that count against a backend (they feed outlier ejection).",
     ["model", "backend", "error_type"])
+BACKEND_USAGE_CLAMPED = Counter(
+    "api_router_backend_usage_clamped", "Backend answers that reported more tokens than the call could use; "
+    "billed at the call's cap (billing.py).", ["model", "backend"])
+CALL_FINISHER_ERRORS = Counter(
+    "api_router_call_finisher_errors", "Finishers (settlement, records, metrics, access log, trace) that "
+    "raised at the end of a call; the others still ran.", ["finisher"])
 BACKEND_EJECTIONS = Counter(
     "api_router_backend_ejections", "Times a backend was ejected after consecutive failures.", ["model", "backend"])
 BACKEND_HEALTHY = Gauge(

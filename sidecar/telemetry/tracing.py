@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,14 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from sidecar import __version__
 from sidecar.telemetry.metrics import TRACE_SPANS_DROPPED, TRACE_SPANS_EXPORTED
+from sidecar.telemetry.trace_context import (  # noqa: F401 - re-exported for the exporter's users
+    Span,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+    sampled_by_ratio,
+    traceparent,
+)
 
 if TYPE_CHECKING:
     from sidecar.call import Call
@@ -51,7 +58,6 @@ INTERNAL, SERVER, CLIENT = (trace_pb2.Span.SPAN_KIND_INTERNAL, trace_pb2.Span.SP
 BATCH_SPANS = 512            # export at once when this many spans wait
 EXPORT_INTERVAL = 1.0        # otherwise every second
 _CALLS_PER_SLICE = 4        # calls' spans built between two yields to the event loop (~0.1 ms)
-_RATIO_SCALE = 1 << 64
 # attributes whose values are bounded (config, codes): their protobufs are built once and reused
 _BOUNDED_KEYS = frozenset({"rpc.system", "rpc.service", "rpc.method", "rpc.grpc.status_code", "server.address",
                            "server.port", "sidecar.backend", "sidecar.org", "sidecar.api_key_id",
@@ -61,47 +67,6 @@ _GRPC_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
 # server spans: the codes that mean the server failed (OTel RPC conventions); others are the caller's
 _SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
                             "DATA_LOSS"})
-
-# one recorded span: (span_id, parent_span_id, name, kind, start_ns, end_ns, attributes, error)
-Span = tuple[str, str, str, int, int, int, tuple[tuple[str, Any], ...], str]
-
-
-# --- W3C trace context ---------------------------------------------------------------------------
-
-def new_trace_id() -> str:
-    return os.urandom(16).hex()
-
-
-def new_span_id() -> str:
-    return os.urandom(8).hex()
-
-
-def parse_traceparent(value: str) -> tuple[str, str, bool] | None:
-    """`00-<trace id>-<parent id>-<flags>` -> (trace id, parent span id, sampled), or None when
-    it is not a valid W3C traceparent (then the call starts a new trace)."""
-    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
-        return None
-    version, trace_id, parent_id, flags = value[:2], value[3:35].lower(), value[36:52].lower(), value[53:55]
-    if version == "ff" or (version == "00" and len(value) != 55):
-        return None
-    try:
-        if int(trace_id, 16) == 0 or int(parent_id, 16) == 0:
-            return None
-        sampled = bool(int(flags, 16) & 1)
-        int(version, 16)
-    except ValueError:
-        return None
-    return trace_id, parent_id, sampled
-
-
-def traceparent(trace_id: str, span_id: str, sampled: bool) -> str:
-    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-
-
-def sampled_by_ratio(trace_id: str, ratio: float) -> bool:
-    """OpenTelemetry's TraceIdRatioBased: the id's low 64 bits below ratio x 2^64."""
-    return int(trace_id[16:], 16) < ratio * _RATIO_SCALE
-
 
 # --- recording, on the call path (sampled calls only) ---------------------------------------------
 
@@ -176,7 +141,7 @@ class Tracer:
             attributes.append(("sidecar.routing_decision", call.routing_decision))
         if call.reason:
             attributes.append(("sidecar.reason", call.reason))
-        usage = call.reported_usage() if status == "OK" else None
+        usage = call.reported if status == "OK" else None
         if usage is not None:
             attributes += (("gen_ai.usage.input_tokens", usage[0]), ("gen_ai.usage.output_tokens", usage[1]))
         error = f"{status}: {call.reason}" if status in _SERVER_ERRORS else ""

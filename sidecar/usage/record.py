@@ -1,9 +1,10 @@
 """The usage record of one call: built once, when the call has ended, from what the `Call` knows.
 
 One `sidecar.usage.v1.UsageRecord` per call that passed authentication, denials included
-(CONTRACT §6). Tokens are the backend's reported `Usage`; when it sent none (a failure, a cut
-stream, a backend that does not count), the sidecar's own estimate is recorded and flagged
-`usage_estimated`, or zero for a call that never reached a backend. `overhead_ms` is the call's
+(CONTRACT §6). Tokens are what the call is billed (billing.py): the backend's reported `Usage`
+(clamped to what the call could use); the sidecar's estimate, flagged `usage_estimated`, for
+every attempt the backend may have worked on without a readable report (a failure, a cut
+stream, a cancellation, a backend that does not count); zero for a call no backend worked on. `overhead_ms` is the call's
 time minus the time its backend attempts took: what the sidecar itself cost.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from google.protobuf.timestamp_pb2 import Timestamp
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
+from sidecar.billing import bill
 from sidecar.call import Call
-from sidecar.limits.budget import estimate_tokens
 
 SCHEMA = "sidecar.usage.v1.UsageRecord"
 
@@ -31,19 +32,11 @@ def new_event_id(now: float | None = None) -> str:
 
 
 def build_record(call: Call, ended: float) -> usage_pb2.UsageRecord:
-    """`ended` is `time.perf_counter()` when the call ended."""
+    """`ended` is `time.perf_counter()` when the call ended. Tokens are what the call is billed
+    (`billing.bill`: the limit store settles the same numbers)."""
     duration_ms = (ended - call.started) * 1000
     backend_ms = sum(a.duration_ms for a in call.attempts)
-    reported = call.reported_usage() if call.status == "OK" else None
-    estimated = reported is None and bool(call.attempts)
-    if reported is not None:
-        input_tokens, output_tokens = reported
-    elif estimated and call.model is not None:
-        input_tokens, output_tokens = estimate_tokens(
-            call.request.input, call.request.input_bytes,
-            call.request.max_output_tokens or call.model.default_max_output_tokens)
-    else:
-        input_tokens = output_tokens = 0
+    billed = bill(call)
     started = Timestamp()
     started.FromNanoseconds(int(call.started_wall * 1e9))
     return usage_pb2.UsageRecord(
@@ -51,7 +44,7 @@ def build_record(call: Call, ended: float) -> usage_pb2.UsageRecord:
         api_key_id=call.api_key_id, model=call.request.model,
         backend=call.attempts[-1].backend if call.attempts else "",
         status=call.status if call.status != "UNKNOWN" else "CANCELLED", reason=call.reason,
-        input_tokens=input_tokens, output_tokens=output_tokens, usage_estimated=estimated,
+        input_tokens=billed.input_tokens, output_tokens=billed.output_tokens, usage_estimated=billed.estimated,
         started_at=started, duration_ms=round(duration_ms, 3),
         overhead_ms=round(max(0.0, duration_ms - backend_ms), 3),
         attempts=[usage_pb2.Attempt(backend=a.backend, status=a.status, duration_ms=a.duration_ms)

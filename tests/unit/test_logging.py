@@ -8,9 +8,8 @@ import logging
 import pytest
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
-from sidecar.call import begin_call
+from sidecar.call import AttemptRecord, begin_call
 from sidecar.config import parse_config
-from sidecar.routing.router import Attempt
 from sidecar.telemetry.logging import ACCESS_FLUSH_SECONDS, AccessLog, LineFormatter, render_json, render_text
 
 
@@ -49,7 +48,7 @@ def test_the_access_log_writes_one_line_per_call_in_batches(log_format: str, cap
             call = begin_call("Infer", b"", (("x-request-id", f"req-{i}"), ("x-api-key", "sk-never")), None)
             call.request = InferRequest(model="chat")
             call.org, call.api_key_id, call.status = "acme", "app-1", "OK"
-            call.attempts.append(Attempt("a", "OK", 1.5))
+            call.attempts.append(AttemptRecord("a", "OK", 1.5))
             access(call)
         written_at_once = capsys.readouterr().err
         await asyncio.sleep(ACCESS_FLUSH_SECONDS * 3)
