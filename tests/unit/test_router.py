@@ -522,15 +522,17 @@ def test_any_routable_and_component() -> None:
     rig = make()
     assert rig.router.any_routable()
     assert rig.router.component() == {"status": "ok", "models": {
-        "chat": {"a": "healthy", "b": "healthy", "c": "healthy"}, "embed": {"e": "healthy"}}}
+        "chat": {"a": "healthy", "b": "healthy", "c": "healthy"}, "embed": {"e": "healthy"}},
+        "in_flight": {"chat": {"a": 0, "b": 0, "c": 0}, "embed": {"e": 0}}}
     for address in ("127.0.0.1:7001", "127.0.0.1:7002"):
         rig.router.record_check(address, False)
         rig.router.record_check(address, False)
     assert rig.router.any_routable()                 # c is left
     rig.on("c", Code.UNAVAILABLE, 2)                 # ejected
     assert not rig.router.any_routable()
-    assert rig.router.component() == {"status": "no_healthy_backend", "models": {
-        "chat": {"a": "unhealthy", "b": "unhealthy", "c": "ejected"}, "embed": {"e": "unhealthy"}}}
+    assert {k: v for k, v in rig.router.component().items() if k != "in_flight"} == {
+        "status": "no_healthy_backend", "models": {
+            "chat": {"a": "unhealthy", "b": "unhealthy", "c": "ejected"}, "embed": {"e": "unhealthy"}}}
     rig.clock.now = T0 + 10.0
     assert rig.router.any_routable()
     assert rig.router.component()["status"] == "ok"
@@ -667,3 +669,33 @@ def test_overrides_follow_a_reload() -> None:
     reload(rig, CONFIG)                              # c is back: drained again
     c = rig.router.endpoint("chat", "c")
     assert c is not None and c.drained
+
+
+class CountingRouter(Router):
+    """Counts `apply_overrides`, the expiry timers' callback included."""
+
+    applied = 0
+
+    def apply_overrides(self) -> None:
+        self.applied += 1
+        super().apply_overrides()
+
+
+async def test_applying_overrides_again_never_stacks_expiry_timers() -> None:
+    """Suspected 15, confirmed: each apply scheduled one more timer per expiring override and
+    none was cancelled, so after N applies (admin changes, Redis syncs) every expiry re-applied
+    the table N times, and the timers piled up on the loop."""
+    config = parse_config(CONFIG, environ={})
+    wall = [1000.0]
+    router = CountingRouter(config, backends_of(config), Clock(), random.Random(1), wall=lambda: wall[0])
+    router.overrides = OverrideTable()
+    await router.set_override(Override("chat", "a", "drain", expires_at=1000.05))
+    for _ in range(49):
+        router.apply_overrides()  # as every sync with a shared store does
+    a = router.endpoint("chat", "a")
+    assert a is not None and a.drained
+    router.applied = 0
+    wall[0] = 1001.0  # the override has expired
+    await asyncio.sleep(0.3)  # the loop runs every timer due within 0.05 s before this one
+    assert router.applied == 1
+    assert not a.drained
