@@ -178,6 +178,24 @@ def test_a_caller_leaving_a_flow_controlled_stream_is_billed_and_its_attempt_rec
     endings.check_invariants()
 
 
+def test_a_caller_leaving_while_the_sidecar_waits_for_the_next_chunk(endings: Endings) -> None:
+    """The other await of a stream: the sidecar waits for the backend's next chunk when the
+    caller leaves. The attempt ends CANCELLED, the backend call is cancelled, the call billed."""
+    request_id, md = metadata(endings, "left-waiting")
+    with grpc.insecure_channel(endings.sidecar.listen) as channel:
+        chunks = channel.unary_stream(INFER_STREAM)(request(max_output_tokens=8, chunk_delay_ms=3000), metadata=md,
+                                                    timeout=30)
+        next(chunks)
+        chunks.cancel()
+    record = endings.record(request_id)
+    assert record["status"] == "CANCELLED"
+    assert [(a["backend"], a["status"]) for a in record["attempts"]] == [("a", "CANCELLED")]
+    assert record["usage_estimated"] and (record["input_tokens"], record["output_tokens"]) == (3, 8)
+    backend_call = wait_until(lambda: endings.chunky.call_for(request_id), 10, what="the backend's end of the call")
+    assert backend_call["outcome"] == "cancelled"
+    endings.check_invariants()
+
+
 def test_callers_who_leave_or_run_out_of_time_are_not_counted_as_server_errors(endings: Endings) -> None:
     """Finding 5: cancelled calls used to raise grpc_server_handled_total{grpc_code="UNKNOWN"}."""
     before = {code: endings.handled("Infer", code) for code in ("UNKNOWN", "CANCELLED", "DEADLINE_EXCEEDED")}
