@@ -22,11 +22,10 @@ The estimate is what the call reserved: its input size at `BYTES_PER_TOKEN` plus
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferResponse
 
-from sidecar.call import Call
+from sidecar.call import Billed, Call
 from sidecar.limits.budget import estimate_tokens
 from sidecar.telemetry.metrics import BACKEND_USAGE_CLAMPED
 
@@ -39,13 +38,6 @@ NOT_STARTED = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED", "
                          "OUT_OF_RANGE"})
 INPUT_TOKEN_ALLOWANCE = 4096    # input tokens a backend may count beyond one per input byte (templates)
 DEFAULT_MAX_OUTPUT_TOKENS = 32_768  # output cap of a request that sets no max_output_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Billed:
-    input_tokens: int
-    output_tokens: int
-    estimated: bool  # some of it is the sidecar's estimate, not the backend's report
 
 
 class Garbled(Exception):

@@ -29,7 +29,6 @@ from sidecar.telemetry.trace_context import (
 )
 
 if TYPE_CHECKING:
-    from sidecar.billing import Billed
     from sidecar.config import ModelConfig
     from sidecar.limits.reservation import Reservation
     from sidecar.routing.channels import Backend
@@ -54,6 +53,15 @@ class AttemptRecord:
     status: str        # gRPC code name, or CANCELLED when the caller went away
     duration_ms: float
     address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Billed:
+    """What an ended call is charged (decided by `billing.bill`)."""
+
+    input_tokens: int
+    output_tokens: int
+    estimated: bool  # some of it is the sidecar's estimate, not the backend's report
 
 
 @dataclass(slots=True)
