@@ -12,8 +12,9 @@ was generated. Knobs for tests and load tests:
 - request `parameters` that play a broken backend: `garble: true` answers (or ends a stream
   with) bytes that are not an `InferResponse`/`InferChunk`; `report_output_tokens: N` reports N
   output tokens whatever was generated.
-- `--log-calls`: one JSON line per call on stdout when it starts (`call_started`) and when it ends
-  (`call`: request id, metadata keys received, outcome `ok`, `failed` or `cancelled`).
+- `--log-calls`: one JSON line per call on stdout when it starts (`call_started`: request id and
+  the seconds left of the deadline it received) and when it ends (`call`: request id, metadata
+  keys received, outcome `ok`, `failed` or `cancelled`).
 """
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ class _CallLog:
         if self.enabled:
             metadata = self.context.invocation_metadata() or ()
             print(json.dumps({"event": "call_started", "method": self.method,
-                              "request_id": next((v for k, v in metadata if k == "x-request-id"), None)}),
+                              "request_id": next((v for k, v in metadata if k == "x-request-id"), None),
+                              "time_remaining": self.context.time_remaining()}),  # the deadline it got
                   flush=True)
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:

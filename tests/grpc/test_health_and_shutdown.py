@@ -13,13 +13,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
 from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferResponse
 
 from tests.conftest import Launcher
 from tests.grpc.test_proxy import INFER, params
 from tests.harness.procs import wait_until
-from tests.harness.sidecar import BackendProc, health_status, one_model
+from tests.harness.sidecar import BackendProc, SidecarProc, health_status, one_model
 
 
 def http_get(url: str) -> tuple[int, dict[str, Any]]:
@@ -49,9 +50,11 @@ class Watcher(threading.Thread):
 
 
 class SlowCall(threading.Thread):
-    def __init__(self, target: str, delay_ms: int) -> None:
+    """One unary call that the backend answers after `delay_ms`; `result` is its response or error."""
+
+    def __init__(self, target: str, delay_ms: int, timeout: float = 30) -> None:
         super().__init__(daemon=True)
-        self.target, self.delay_ms = target, delay_ms
+        self.target, self.delay_ms, self.timeout = target, delay_ms, timeout
         self.request_id = f"slow-{id(self)}-{time.monotonic_ns()}"
         self.result: InferResponse | grpc.RpcError | None = None
 
@@ -60,7 +63,7 @@ class SlowCall(threading.Thread):
         with grpc.insecure_channel(self.target) as channel:
             try:
                 self.result = InferResponse.FromString(
-                    channel.unary_unary(INFER)(request.SerializeToString(), timeout=30,
+                    channel.unary_unary(INFER)(request.SerializeToString(), timeout=self.timeout,
                                               metadata=(("x-request-id", self.request_id),)))
             except grpc.RpcError as error:
                 self.result = error
@@ -91,49 +94,77 @@ def test_reflection_lists_the_services(launch: Launcher, backend: BackendProc) -
     assert {"inference.v1.Inference", "grpc.health.v1.Health"} <= services
 
 
-def test_sigterm_drains_in_flight_calls_and_exits_zero(launch: Launcher, backend: BackendProc) -> None:
-    sidecar = launch.sidecar(one_model(backend.address, shutdown="{grace_ms: 10000}"))
+def test_sigterm_drains_in_flight_calls_and_exits_zero(launch: Launcher) -> None:
+    """Guards the drain: on SIGTERM, readiness turns NOT_SERVING (Watch streams see it) and new calls
+    are refused while a call is still in flight, liveness stays SERVING, and the in-flight call is
+    answered before a clean exit.
+
+    The call's backend is frozen (SIGSTOP) before the call is made and thawed only after every
+    check, so the call is in flight throughout however slowly a loaded machine runs them. Health
+    checks are off, so that the frozen backend cannot turn readiness NOT_SERVING by itself.
+    """
+    backend = launch.backend()
+    sidecar = launch.sidecar(one_model(backend.address, timeout_ms=120_000, shutdown="{grace_ms: 120000}",
+                                       health_checks="{enabled: false}"))
     watchers = [Watcher(sidecar.listen, ""), Watcher(sidecar.listen, "inference.v1.Inference")]
     for watcher in watchers:
         watcher.start()
-    wait_until(lambda: all(w.statuses == ["SERVING"] for w in watchers), 5, what="watchers see SERVING")
-    in_flight = SlowCall(sidecar.listen, delay_ms=1500)
+    wait_until(lambda: all(w.statuses == ["SERVING"] for w in watchers), 20, what="watchers see SERVING")
+    warm_up = SlowCall(sidecar.listen, delay_ms=0)  # connects the sidecar's channel to the backend
+    warm_up.run()
+    assert isinstance(warm_up.result, InferResponse), warm_up.result
+    backend.proc.signal(signal.SIGSTOP)  # returns once frozen: nothing is answered until SIGCONT
+    in_flight = SlowCall(sidecar.listen, delay_ms=0, timeout=120)
     in_flight.start()
-    wait_until(lambda: _started_at_backend(backend, in_flight.request_id), 5, what="the slow call reaching the backend")
+    wait_until(lambda: _routed_calls(sidecar) == 2, 20, what="the sidecar routing the in-flight call")
 
     sidecar.proc.signal(signal.SIGTERM)
-    wait_until(lambda: all(w.statuses[-1:] == ["NOT_SERVING"] for w in watchers), 1.0,
-               what="Watch streams observe NOT_SERVING")
+    wait_until(lambda: all(w.statuses[-1:] == ["NOT_SERVING"] for w in watchers), 30,
+               what="Watch streams observe NOT_SERVING", proc=sidecar.proc)
     status, body = http_get(f"{sidecar.ops_url}/readyz")
     assert status == 503 and body["components"]["server"]["status"] == "draining"
-    assert health_status(sidecar.listen, "liveness") == "SERVING"  # alive while draining
+    assert health_status(sidecar.listen, "liveness", timeout=10) == "SERVING"  # alive while draining
 
     with grpc.insecure_channel(sidecar.listen) as channel, pytest.raises(grpc.RpcError) as refused:
-        channel.unary_unary(INFER)(InferRequest(model="chat").SerializeToString(), timeout=5)
+        channel.unary_unary(INFER)(InferRequest(model="chat").SerializeToString(), timeout=10)
     detail = error_detail(refused.value)
     assert (detail.code, detail.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE")
+    assert in_flight.result is None and sidecar.proc.alive()  # all of the above happened during the drain
 
-    in_flight.join(10)
+    backend.proc.signal(signal.SIGCONT)
+    in_flight.join(60)
     assert isinstance(in_flight.result, InferResponse), in_flight.result
     assert in_flight.result.output.startswith("in flight")
-    assert sidecar.proc.wait(10) == 0
+    assert sidecar.proc.wait(60) == 0
     assert any(line.get("msg") == "stopped" and line.get("clean") is True for line in sidecar.log_json())
 
 
 def test_grace_period_bounds_the_drain(launch: Launcher, backend: BackendProc) -> None:
-    sidecar = launch.sidecar(one_model(backend.address, shutdown="{grace_ms: 300}"))
-    in_flight = SlowCall(sidecar.listen, delay_ms=5000)
+    """Guards `shutdown.grace_ms`: a call still running when the grace period is over is cancelled
+    and the sidecar exits at once, instead of waiting for the call (60 s here) or for the default
+    grace period (15 s)."""
+    sidecar = launch.sidecar(one_model(backend.address, timeout_ms=120_000, shutdown="{grace_ms: 300}"))
+    in_flight = SlowCall(sidecar.listen, delay_ms=60_000, timeout=120)
     in_flight.start()
-    wait_until(lambda: _started_at_backend(backend, in_flight.request_id), 5, what="the slow call reaching the backend")
+    wait_until(lambda: _started_at_backend(backend, in_flight.request_id), 20, what="the slow call reaching the backend")
     started = time.monotonic()
     sidecar.proc.signal(signal.SIGTERM)
-    assert sidecar.proc.wait(5) == 0
-    assert time.monotonic() - started < 3
-    in_flight.join(5)
-    assert isinstance(in_flight.result, grpc.RpcError)
+    exit_code = sidecar.proc.wait(12)
+    took = time.monotonic() - started
+    assert exit_code == 0, f"no clean exit {took:.1f} s after SIGTERM with a 0.3 s grace period"
+    in_flight.join(30)
+    assert isinstance(in_flight.result, grpc.RpcError), in_flight.result
     assert any(line.get("msg") == "stopped" and line.get("clean") is False for line in sidecar.log_json())
 
 
 def _started_at_backend(backend: BackendProc, request_id: str) -> bool:
     return any(line.get("event") == "call_started" and line.get("request_id") == request_id
                for line in backend.proc.log_lines_json())
+
+
+def _routed_calls(sidecar: SidecarProc) -> float:
+    """Calls the sidecar admitted and sent on to a backend so far (`api_router_routing_decisions_total`)."""
+    with urllib.request.urlopen(f"{sidecar.ops_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "api_router_routing_decisions_total")

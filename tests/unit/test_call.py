@@ -52,15 +52,22 @@ def test_parse_rejects(raw: bytes, reason: str) -> None:
 
 
 def test_backend_timeout_is_the_callers_deadline_capped_by_the_model() -> None:
-    call = begin_call("Infer", b"", (), 0.5)
-    call.model = ModelConfig(timeout_ms=10_000, backends=[{"name": "a", "address": "h:1"}])
-    assert 0.45 < call.backend_timeout() <= 0.5
+    """Guards `backend_timeout`: what is left of the caller's deadline (the time since the call
+    arrived taken off), capped by the model's timeout, never negative.
+
+    Arrival is set back by whole seconds, so the bounds leave seconds of slack for a slow machine
+    and still fail when the elapsed time is not taken off, or the cap or the floor is missing.
+    """
+    call = begin_call("Infer", b"", (), 100.0)       # the caller allows 100 s
+    call.started = time.perf_counter() - 30.0       # ... and the call arrived 30 s ago
+    call.model = ModelConfig(timeout_ms=1_000_000, backends=[{"name": "a", "address": "h:1"}])
+    assert 60.0 < call.backend_timeout() <= 70.0
     call.model = ModelConfig(timeout_ms=100, backends=[{"name": "a", "address": "h:1"}])
     assert call.backend_timeout() == pytest.approx(0.1)
     no_deadline = begin_call("Infer", b"", (), None)
     no_deadline.model = call.model
     assert no_deadline.backend_timeout() == pytest.approx(0.1)
     late = begin_call("Infer", b"", (), 0.01)
+    late.started = time.perf_counter() - 1.0        # its deadline passed 0.99 s ago
     late.model = call.model
-    time.sleep(0.02)
     assert late.backend_timeout() == 0.0
