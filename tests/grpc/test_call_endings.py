@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from sidecar.routing.router import Router
 from sidecar.server import InferenceHandlers, InFlight
 from sidecar.stages import proxy
 from sidecar.stages.route import PickBackend, ResolveModel
+from tests.conftest import Launcher
 from tests.grpc.test_limits import metric
 from tests.grpc.test_proxy import INFER, INFER_STREAM, params
 from tests.harness.invariants import assert_invariants, file_records
@@ -323,3 +325,37 @@ async def test_an_attempt_whose_backend_call_cannot_start_leaves_no_call_in_flig
     endpoint = router.endpoints["chat"][0]
     assert endpoint.in_flight == 0
     assert [(a.backend, a.status) for a in call.attempts] == [("a", "CANCELLED")]
+
+
+def test_a_call_cut_by_shutdown_after_the_grace_period_is_recorded_and_billed(launch: Launcher) -> None:
+    """The shutdown ending: past `shutdown.grace_ms` the server cancels what still runs. That
+    call still gets its usage record (CANCELLED, its attempt CANCELLED, the estimate billed),
+    written before the process exits."""
+    slow = launch.backend()
+    records = launch.workdir / "usage.jsonl"
+    sidecar = launch.sidecar(sidecar_config(f"""
+        chat:
+          backends: [{{name: a, address: "{slow.address}"}}]
+        """) + f"""auth:
+  api_keys: [{{id: app, sha256: "{hashlib.sha256(KEY.encode()).hexdigest()}", org: {ORG}}}]
+budgets:
+  orgs:
+    {ORG}: {{tokens_per_day: {BUDGET}}}
+shutdown: {{grace_ms: 300}}
+usage:
+  sink: file
+  file: {{path: {records}}}
+""")
+    request_id = f"cut-{uuid.uuid4().hex[:8]}"
+    with grpc.insecure_channel(sidecar.listen) as channel:
+        future = channel.unary_unary(INFER).future(request(delay_ms=60_000), timeout=60,
+                                                   metadata=(("x-api-key", KEY), ("x-request-id", request_id)))
+        wait_until(lambda: started(slow, request_id), 10, what="the backend got the call")
+        sidecar.proc.signal(signal.SIGTERM)
+        assert sidecar.proc.wait(timeout=30) == 0
+        with pytest.raises(grpc.RpcError):
+            future.result(timeout=10)
+    record = next(r for r in file_records(records) if r["request_id"] == request_id)
+    assert record["status"] == "CANCELLED"
+    assert [(a["backend"], a["status"]) for a in record["attempts"]] == [("a", "CANCELLED")]
+    assert record["usage_estimated"] and (record["input_tokens"], record["output_tokens"]) == (3, 8)
