@@ -89,7 +89,7 @@ class Sidecar:
         # their first event
         for result in CONFIG_RELOAD_RESULTS:
             CONFIG_RELOADS.labels(result)
-        for reason in ("spool_full", "refused_call"):
+        for reason in ("spool_full", "refused_call", "file_unwritable"):
             USAGE_RECORDS_DROPPED.labels(reason)
         for reason in ("queue_full", "export_failed"):
             TRACE_SPANS_DROPPED.labels(reason)

@@ -135,12 +135,42 @@ class PerConfig(Generic[S, T]):
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Reads, substitutes and validates `path`; raises `ConfigError` listing every problem."""
+    """Reads, substitutes and validates `path`; raises `ConfigError` listing every problem.
+    For `check-config` and `run`, files the config names are checked on this machine too (a
+    usage file that cannot be written would lose every record)."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return parse_config(text, environ)
+    config = parse_config(text, environ)
+    problems = _machine_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _machine_problems(config: Config) -> list[str]:
+    """Paths the sidecar must be able to write (relative ones from the current directory)."""
+    if config.usage.sink != "file":
+        return []
+    problem = unwritable(Path(config.usage.file.path))
+    return [f"usage.file.path: cannot be written: {problem}"] if problem else []
+
+
+def unwritable(path: Path) -> str:
+    """Why a file at `path` cannot be created or appended to ("" when it can); creates nothing."""
+    if path.is_dir():
+        return f"{path} is a directory"
+    if path.exists():
+        return "" if os.access(path, os.W_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create files in {parent}"
+    return ""
 
 
 def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:

@@ -60,8 +60,9 @@ USAGE_PUBLISH_SECONDS = Histogram(
 USAGE_RECORDS_BUFFERED = Counter(
     "api_router_usage_records_buffered", "Usage records appended to the write-ahead spool.")
 USAGE_RECORDS_DROPPED = Counter(
-    "api_router_usage_records_dropped", "Usage records lost on purpose: spool_full (on_spool_full: "
-    "drop_oldest), refused_call (calls refused because the spool was full; they were not billable).",
+    "api_router_usage_records_dropped", "Usage records lost: spool_full (on_spool_full: drop_oldest), "
+    "refused_call (calls refused because the spool was full; they were not billable), file_unwritable "
+    "(usage.sink: file could not write them: more held than it keeps, or still held at shutdown).",
     ["reason"])
 USAGE_DEAD_LETTERED = Counter(
     "api_router_usage_records_dead_lettered", "Usage records Kafka rejected for good, moved to the DLQ.",
@@ -83,7 +84,8 @@ SPOOL_TORN_BYTES = Counter(
 KAFKA_PRODUCER_REBUILDS = Counter(
     "api_router_usage_producer_rebuilds", "Kafka producers replaced after a fatal or stuck state.", ["cause"])
 KAFKA_UP = Gauge(
-    "api_router_usage_kafka_up", "1 while the usage producer has a connection to a Kafka broker, else 0.")
+    "api_router_usage_kafka_up", "1 while the usage producer has a connection to a Kafka broker and records "
+    "in flight get acknowledged (none for 5 s: 0), else 0.")
 
 SIDECAR_OVERHEAD_SECONDS = Histogram(
     "api_router_sidecar_overhead_seconds", "What the sidecar itself added to an inference call: its duration "

@@ -2,8 +2,11 @@
 confluent-kafka producer (`acks=all`, compressed, key = org, headers naming the schema).
 
 - The call path only queues the record (`submit`). The spool writer's batch (every
-  `fsync_interval_ms`, at once under `strict`) serializes, spools and produces what queued, in
-  one go: per record that is cheaper than doing each on its own call's path.
+  `fsync_interval_ms`, at once under `strict`) serializes and spools what queued, in one go: per
+  record that is cheaper than doing each on its own call's path.
+- A record is handed to the producer only once it is in its segment file (`Spool.stored`):
+  right after the batch's write() under `interval`, after its fsync under `strict`. A record the
+  disk does not take (full, failing) is not sent before it is written.
 
 - A delivery report settles the record in the spool (`ack`). A retriable failure (a broker
   down past `delivery_timeout_ms`, a full producer queue) leaves it WAITING in the spool; the
@@ -16,6 +19,9 @@ confluent-kafka producer (`acks=all`, compressed, key = org, headers naming the 
   empty), an endless run of epoch bumps that ends in timeouts. Either is detected (the fatal
   error, `producer_epoch` climbing in the statistics, or delivery timeouts) and the producer is
   replaced by a new one; what the old one had not delivered is sent again from the spool.
+- Kafka is `up` while the producer has a broker connection and records in flight get delivery
+  reports: a frozen or wedged broker keeps its TCP connections (librdkafka still calls it UP),
+  so records in flight without any acknowledgement for `STALL_SECONDS` mark it down too.
 
 Callbacks run on the event loop: a named task polls the producer every 50 ms. Each
 callback carries its producer's generation; callbacks of a replaced producer are ignored.
@@ -58,6 +64,7 @@ HEADER_BYTES = sum(len(k) + len(v or b"") for k, v in HEADERS)
 POLL_SECONDS = 0.05        # delivery reports and statistics are read this often (bookkeeping only)
 MAX_BACKOFF_SECONDS = 30.0
 EPOCH_STORM = 3            # producer epoch bumps within one statistics interval: the producer is stuck
+STALL_SECONDS = 5.0        # records in flight with no acknowledgement this long: Kafka is down
 STATS_INTERVAL_MS = 1000
 # errors that will not go away by sending the same record again
 PERMANENT = {getattr(KafkaError, name): reason for name, reason in (
@@ -124,13 +131,18 @@ class KafkaSink:
         self._replay_at = 0.0
         self._last_epoch: int | None = None
         self.kafka_up = False
+        self._broker_up = False          # librdkafka has a broker connection UP
+        self._stalled = False            # records in flight, no acknowledgement for STALL_SECONDS
+        self._acked_at = time.monotonic()  # the last acknowledgement, or the last moment nothing was in flight
         self._down_logged = False
         self._published = USAGE_RECORDS_PUBLISHED.labels(self.name)
         self._acked = 0                  # acknowledgements not yet added to the metric (per poll)
         self._publish_seconds = USAGE_PUBLISH_SECONDS.labels(self.name)
         self._closing = False
         self._queued: list[usage_pb2.UsageRecord] = []   # submitted, not spooled yet
+        self._unproduced: list[tuple[int, bytes, bytes]] = []  # (seq, key, payload) spooled, not in its file yet
         spool.source = self._spool_queued
+        spool.on_stored = self._produce_stored
         BUFFER_STORE_SIZE.set_function(spool.unsettled)
         BUFFER_STORE_BYTES.set_function(lambda: spool.size_bytes)
         BUFFER_STORE_AGE.set_function(spool.oldest_age)
@@ -185,16 +197,36 @@ class KafkaSink:
         return self.spool.durable() if self._strict else None
 
     def _spool_queued(self) -> None:
-        """The spool writer's `source`: each queued record is spooled, then handed to the
-        producer (or left WAITING while Kafka is paused)."""
+        """The spool writer's `source`: each queued record is spooled, IN_FLIGHT to be produced
+        once it is in its file (`_produce_stored`), or WAITING for replay while Kafka is paused."""
         queued, self._queued = self._queued, []
+        paused = time.monotonic() < self._paused_until or self._producer is None
         for record in queued:
             payload = record.SerializeToString()
-            if time.monotonic() < self._paused_until or self._producer is None:
+            if paused:
                 self.spool.append(payload, WAITING)
+            else:
+                self._unproduced.append((self.spool.append(payload, IN_FLIGHT), record.org.encode(), payload))
+        if paused and queued:
+            self._replay_soon()
+
+    def _produce_stored(self) -> None:
+        """The spool's `on_stored`: the records that are in their segment file now go to the
+        producer (or back to WAITING, for replay, while Kafka is paused); the others wait."""
+        records, self._unproduced = self._unproduced, []
+        later: list[tuple[int, bytes, bytes]] = []
+        for seq, key, payload in records:
+            stored = self.spool.stored(seq)
+            if stored is None:
+                continue  # dropped (drop_oldest), or handed back to replay (a replaced producer)
+            if not stored:
+                later.append((seq, key, payload))
+            elif time.monotonic() < self._paused_until or self._producer is None:
+                self.spool.set_waiting(seq)
                 self._replay_soon()
             else:
-                self._produce(self.spool.append(payload, IN_FLIGHT), record.org.encode(), payload)
+                self._produce(seq, key, payload)
+        self._unproduced = later + self._unproduced
 
     def refusing(self) -> bool:
         return self.spool.refusing
@@ -235,12 +267,15 @@ class KafkaSink:
             self._acked += 1
             self._publish_seconds.observe(message.latency() or 0.0)  # from produce() to the broker's ack
             self._backoff = self._base_backoff
+            self._acked_at = time.monotonic()
             if not self.kafka_up:
-                self._mark_up(True)
+                self._broker_up, self._stalled = True, False
+                self._update_up()
             return
         code = error.code()
         reason = PERMANENT.get(code)
         if reason is not None:
+            self._acked_at = time.monotonic()  # the broker answered
             self._dead_letter(seq, message.value(), reason, error.str())
             return
         self.spool.set_waiting(seq)
@@ -274,7 +309,8 @@ class KafkaSink:
         if _fatal(error):
             self._rebuild("fatal", error.str())
         elif error.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._mark_up(False)
+            self._broker_up = False
+            self._update_up()
         else:
             log.debug("kafka producer error", extra={"error": error.str()})
 
@@ -283,7 +319,8 @@ class KafkaSink:
             return
         stats = json.loads(text)
         brokers = stats.get("brokers", {}).values()
-        self._mark_up(any(b.get("state") == "UP" for b in brokers))
+        self._broker_up = any(b.get("state") == "UP" for b in brokers)
+        self._update_up()
         epoch = stats.get("eos", {}).get("producer_epoch")
         if isinstance(epoch, int) and epoch >= 0:
             if self._last_epoch is not None and epoch - self._last_epoch >= EPOCH_STORM and stats.get("msg_cnt", 0):
@@ -291,7 +328,23 @@ class KafkaSink:
                                        f"{STATS_INTERVAL_MS} ms without deliveries")
             self._last_epoch = epoch
 
-    def _mark_up(self, up: bool) -> None:
+    def _watch_stall(self, producer: Producer) -> None:
+        """From the poll loop: records in flight with no acknowledgement for STALL_SECONDS (a
+        frozen broker answers nothing, yet its connections stay UP) mean Kafka is down."""
+        now = time.monotonic()
+        in_flight = len(producer)
+        if not in_flight:
+            self._acked_at = now
+        stalled = bool(in_flight) and now - self._acked_at > STALL_SECONDS
+        if stalled != self._stalled:
+            self._stalled = stalled
+            if stalled:
+                log.warning("kafka does not acknowledge: records in flight got no delivery report",
+                            extra={"seconds": STALL_SECONDS, "in_flight": in_flight})
+            self._update_up()
+
+    def _update_up(self) -> None:
+        up = self._broker_up and not self._stalled
         if up == self.kafka_up:
             return
         self.kafka_up = up
@@ -313,7 +366,10 @@ class KafkaSink:
         self._rebuilt_generation = self._generation
         old = self._producer
         self._producer = self._new_producer()
-        requeued = self.spool.requeue_in_flight()
+        requeued = self.spool.requeue_in_flight()  # what was not stored yet, too: replay sends it once it is
+        self._unproduced.clear()
+        self._broker_up = False  # until the new producer's statistics or acknowledgements say otherwise
+        self._update_up()
         KAFKA_PRODUCER_REBUILDS.labels(cause).inc()
         log.warning("kafka producer replaced", extra={"cause": cause, "detail": detail, "requeued": requeued,
                                                       "generation": self._generation})
@@ -383,6 +439,7 @@ class KafkaSink:
                 if self._acked:
                     self._published.inc(self._acked)
                     self._acked = 0
+                self._watch_stall(producer)
             await asyncio.sleep(POLL_SECONDS)
 
     # --- state -----------------------------------------------------------------------------
@@ -396,8 +453,10 @@ class KafkaSink:
         else:
             status = "ok"
         return {"status": status, "sink": self.name, "topic": self._topic,
-                "kafka": "up" if self.kafka_up else "down", "producer_generation": self._generation,
+                "kafka": "up" if self.kafka_up else "down", "delivery_stalled": self._stalled,
+                "producer_generation": self._generation,
                 "queued": len(self._queued),  # submitted, spooled with the writer's next batch
+                "unstored": len(self._unproduced),  # spooled, produced once they are in their file
                 "in_flight": len(self._producer) if self._producer is not None else 0,
                 "spool": spool, "dlq_open": self.dead_letters.count()}
 

@@ -25,6 +25,7 @@ from tests.harness.load import INFER, Load
 from tests.harness.procs import free_port, wait_until
 from tests.harness.servers import TansuBroker, kafka_consume_all, start_tansu
 from tests.harness.sidecar import SIDECAR, BackendProc, SidecarProc, one_model
+from tests.harness.spool_checks import wait_spool_accounted
 
 pytestmark = pytest.mark.slow
 
@@ -118,6 +119,7 @@ def test_records_made_while_kafka_is_down_at_start_arrive_when_it_starts(
         wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 20, what="spool settled")
         assert metric(sidecar, "api_router_buffer_store_retries_total") >= len(request_ids)
         assert usage_component(sidecar)["kafka"] == "up"
+        wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
     finally:
         broker.stop()
 
@@ -144,6 +146,38 @@ def test_kafka_frozen_under_steady_load_loses_nothing_and_fails_no_caller(
     answered = load.all_answered()
     assert_exactly_once(records_by_request(fresh_tansu.bootstrap, topic, answered), answered)
     wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
+    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+
+
+def test_readiness_says_kafka_is_down_while_the_broker_is_frozen(
+        launch: Launcher, backend: BackendProc, fresh_tansu: TansuBroker, tmp_path: Path) -> None:
+    """A frozen broker keeps its TCP connections open, so librdkafka still calls it UP: records in
+    flight that get no delivery report for a few seconds must turn Kafka `down` (and the usage
+    component `degraded`) all the same, and acknowledgements flowing again turn it `up`."""
+    topic = "usage-frozen-readiness"
+    sidecar = launch.sidecar(usage_config(backend.address, fresh_tansu.bootstrap, tmp_path / "spool", topic))
+    load = Load(sidecar.listen, METADATA, pause=0.01).start()
+    try:
+        wait_until(lambda: usage_component(sidecar)["kafka"] == "up", 30, what="kafka up")
+        fresh_tansu.proc.signal(signal.SIGSTOP)
+        load.phase = "frozen"
+        frozen = wait_until(lambda: (c := usage_component(sidecar))["kafka"] == "down" and c, 30,
+                            what="readiness to report the frozen broker")
+        assert isinstance(frozen, dict) and frozen["status"] == "degraded", frozen
+        assert metric(sidecar, "api_router_usage_kafka_up") == 0
+        assert fresh_tansu.proc.frozen()  # still frozen: not a timeout that ended the freeze
+        fresh_tansu.proc.signal(signal.SIGCONT)
+        load.phase = "after"
+        wait_until(lambda: usage_component(sidecar)["kafka"] == "up", 60, what="kafka up again")
+        assert metric(sidecar, "api_router_usage_kafka_up") == 1
+    finally:
+        fresh_tansu.proc.signal(signal.SIGCONT)
+        load.finish()
+    assert set(load.total()) == {"OK"}, load.outcomes
+    answered = load.all_answered()
+    assert_exactly_once(records_by_request(fresh_tansu.bootstrap, topic, answered), answered)
+    wait_until(lambda: usage_component(sidecar)["status"] == "ok", 30, what="usage ok again")
+    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
 
 
 def test_kafka_killed_and_restarted_empty_gets_every_unacknowledged_record(
@@ -171,6 +205,8 @@ def test_kafka_killed_and_restarted_empty_gets_every_unacknowledged_record(
     rebuilds = sum(metric(sidecar, "api_router_usage_producer_rebuilds_total", cause=c) for c in ("stuck", "fatal"))
     assert rebuilds >= 1
     assert any(line.get("msg") == "kafka producer replaced" for line in sidecar.log_json())
+    wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
+    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
 
 
 def test_strict_durability_keeps_every_answered_record_through_kill_9(
@@ -197,6 +233,8 @@ def test_strict_durability_keeps_every_answered_record_through_kill_9(
     found = records_by_request(fresh_tansu.bootstrap, topic, answered)
     assert_exactly_once(found, answered)
     assert metric(restarted, "api_router_buffer_store_retries_total") > 0  # they came from the spool
+    wait_until(lambda: usage_component(restarted)["spool"]["records"] == 0, 30, what="spool settled")
+    wait_spool_accounted(tmp_path / "spool", restarted.ops_url)
 
 
 def test_a_torn_spool_tail_is_truncated_at_start_and_reported(
@@ -231,6 +269,8 @@ def test_a_torn_spool_tail_is_truncated_at_start_and_reported(
         found = records_by_request(bootstrap, topic, request_ids[:-1])
         assert_exactly_once(found, request_ids[:-1])
         assert request_ids[-1] not in found  # the torn record: cut before it was whole on disk
+        wait_until(lambda: usage_component(second)["spool"]["records"] == 0, 30, what="spool settled")
+        wait_spool_accounted(spool, second.ops_url)
     finally:
         broker.stop()
 
@@ -269,3 +309,5 @@ def test_kafka_killed_without_warning_under_load_gets_every_later_record(
     assert_exactly_once(records_by_request(fresh_tansu.bootstrap, topic, expected), expected)
     causes = {c: metric(sidecar, "api_router_usage_producer_rebuilds_total", cause=c) for c in ("stuck", "fatal")}
     assert sum(causes.values()) >= 1, causes
+    wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
+    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)

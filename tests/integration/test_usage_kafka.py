@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 from sidecar_client.sidecar.usage.v1.usage_pb2 import UsageRecord
@@ -33,6 +35,7 @@ from tests.harness.load import INFER
 from tests.harness.procs import ManagedProcess, free_port, wait_until
 from tests.harness.servers import TANSU_STOP_TIMEOUT, kafka_consume_all, start_tansu
 from tests.harness.sidecar import SIDECAR, BackendProc, SidecarProc, health_status
+from tests.harness.spool_checks import wait_spool_accounted
 
 MAX_SPOOL = 65536
 # A new segment's 16-byte header (magic + first sequence) is counted when the segment is opened,
@@ -131,6 +134,8 @@ budgets:
     }
     assert records[served].backend == "a" and records[served].output_tokens > 0
     assert all(not records[r].attempts and not records[r].backend for r in (limited, poor, forbidden))
+    wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
+    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
 
 
 # --- 2. the dead-letter store and `sidecar dlq` ----------------------------------------------
@@ -216,6 +221,7 @@ def test_records_too_large_for_the_topic_go_to_the_dlq_and_are_replayed_or_resol
     neither = sidecar_cli("dlq", "replay", "--config", raised_yaml)
     assert neither.returncode == 2 and "--all" in neither.stderr
     assert len(kafka_consume_all(kafka_bootstrap, topic, timeout=10, idle=1.0)) == 1
+    wait_spool_accounted(spool, sidecar.ops_url)
 
 
 # --- 3. `sidecar spool status|replay` ----------------------------------------------------------
@@ -317,6 +323,7 @@ def test_a_full_spool_refuses_calls_until_kafka_drains_it(
             assert not set(found) & set(refused), "a refused call is not billable: it has no record"
             assert set(found) == set(served)
             wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool drained")
+            wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
         finally:
             stop_broker(broker)
 
@@ -360,6 +367,66 @@ def test_drop_oldest_keeps_serving_and_loses_only_the_oldest_records(
         assert len(found) == len(request_ids) - int(
             metric(sidecar, "api_router_usage_records_dropped_total", reason="spool_full"))
         wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool drained")
+        wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
     finally:
         stop_broker(broker)
 
+
+
+# --- 6. the order: in the segment file first, then Kafka ----------------------------------------
+
+ORDER = """
+import asyncio, resource, signal, sys, time
+from pathlib import Path
+from sidecar_client.sidecar.usage.v1 import usage_pb2
+from sidecar.config import UsageConfig
+from sidecar.usage.dlq import DeadLetters
+from sidecar.usage.kafka_sink import KafkaSink
+from sidecar.usage.spool import open_spool
+
+async def until(check, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+async def main() -> None:
+    directory, bootstrap, topic = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    config = UsageConfig.model_validate({"sink": "kafka", "spool_dir": str(directory), "durability": sys.argv[4],
+                                         "kafka": {"bootstrap_servers": bootstrap, "topic": topic}})
+    spool = open_spool(directory, durability=config.durability)
+    sink = KafkaSink(config, spool, DeadLetters(directory / "dlq"))
+    await sink.start()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, hard))  # a segment's header fits, no record does
+    for i in range(5):
+        sink.submit(usage_pb2.UsageRecord(event_id=f"{topic}-{i}", request_id=f"{topic}-{i}", org="acme"))
+    await until(lambda: spool.write_error, 30)
+    component = sink.component()
+    print("unwritable", component["in_flight"], spool.unsettled(), spool.waiting(), flush=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+    await until(lambda: spool.unsettled() == 0, 60)
+    print("delivered", flush=True)
+    await sink.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("durability", ["interval", "strict"])
+def test_a_record_reaches_kafka_only_after_it_is_in_the_segment_file(
+        kafka_bootstrap: str, tmp_path: Path, durability: str) -> None:
+    """The spool's promise, on disk before Kafka is trusted: while the segment file cannot take
+    a record (the file size limit stands in for a full disk), the producer is not given it, so
+    Kafka cannot have a record the spool would lose in a crash; once it is written, it goes."""
+    topic = unique(f"usage-order-{durability}")
+    result = subprocess.run([sys.executable, "-c", ORDER, str(tmp_path / "spool"), kafka_bootstrap, topic,
+                             durability], capture_output=True, text=True, timeout=120, check=False,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "unwritable 0 5 0", lines  # none in the producer, all in the spool, none acknowledged
+    assert lines[1] == "delivered"
+    request_ids = [f"{topic}-{i}" for i in range(5)]
+    assert_exactly_once(records_by_request(kafka_bootstrap, topic, request_ids, timeout=30), request_ids)

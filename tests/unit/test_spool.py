@@ -3,7 +3,10 @@ directory lock, strict durability (group commit), capacity (reject / drop_oldest
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -399,7 +402,7 @@ async def test_oldest_age(tmp_path: Path, spools: SpoolFactory) -> None:
 # --- write failures --------------------------------------------------------------------------
 
 FULL_DISK = """
-import asyncio, resource, signal, sys
+import asyncio, resource, signal, sys, time
 from pathlib import Path
 from sidecar.usage.spool import WAITING, open_spool, scan_segment, segment_paths
 
@@ -413,7 +416,9 @@ async def main() -> None:
     for i in range(5):
         spool.append(bytes([65 + i]) * 300, WAITING)
     durable = spool.durable()
-    await asyncio.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while not spool.write_error and time.monotonic() < deadline:  # the writer met the full disk
+        await asyncio.sleep(0.01)
     print("resolved-while-full", durable.done(), "error", bool(spool.write_error), "refusing", spool.refusing)
     print("on-disk", len(scan_segment(segment_paths(directory)[0]).payloads),
           repr(scan_segment(segment_paths(directory)[0]).problem))
@@ -467,3 +472,150 @@ async def test_a_segment_dropped_during_a_replay_pass_is_skipped(tmp_path: Path,
                 spool.append(b"y" * 300, WAITING)
             await spool.flush()
     assert seen and seen[-1] > seen[0]
+
+
+SETTLED_THEN_FULL = """
+import asyncio, resource, signal, sys
+from pathlib import Path
+from sidecar.usage.spool import IN_FLIGHT, open_spool, segment_paths
+
+async def main() -> None:
+    directory = Path(sys.argv[1])
+    spool = open_spool(directory, segment_bytes=4096)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    seqs = [spool.append(bytes([65 + i]) * 300, IN_FLIGHT) for i in range(20)]  # 13 fill the first segment
+    await spool.flush()
+    first, second = segment_paths(directory)
+    for seq in seqs[:13]:
+        spool.ack(seq)  # the first segment is settled: the next batch deletes its file
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (second.stat().st_size + 100, hard))  # the disk is full
+    spool.append(b"Z" * 300, IN_FLIGHT)
+    await spool.flush()  # that batch's append fails
+    print("write-error", bool(spool.write_error))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+    await spool.flush()
+    on_disk = sum(path.stat().st_size for path in segment_paths(directory))
+    print("first-deleted", not first.exists(), "accounted", on_disk == spool.size_bytes, on_disk, spool.size_bytes)
+    await spool.aclose()
+
+asyncio.run(main())
+"""
+
+
+def test_a_failed_append_still_deletes_the_settled_segments(tmp_path: Path) -> None:
+    """A batch whose append fails (a full disk) still deletes the segments that were settled
+    before it: the spool accounts for exactly the files on disk."""
+    result = subprocess.run([sys.executable, "-c", SETTLED_THEN_FULL, str(tmp_path)], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "write-error True"
+    assert lines[1].startswith("first-deleted True accounted True"), lines[1]
+
+
+class LosingFsync:
+    """An fsync that fails once, the way a failed writeback does on Linux: the unsynced part of
+    the file is lost from the disk (here: zeroed past `keep`), the error is reported once, and
+    the next fsync succeeds."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.failed = 0
+
+    def __call__(self, fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and not self.failed:
+            self.failed += 1
+            os.ftruncate(fd, self.keep)          # what the disk holds: the old data, then zeroes
+            os.ftruncate(fd, info.st_size)
+            raise OSError(errno.EIO, "Input/output error")
+        os.fsync(fd)
+
+
+@pytest.mark.parametrize("durability", ["strict", "interval"])
+async def test_a_failed_fsync_is_written_again_before_it_counts_as_durable(
+        tmp_path: Path, spools: SpoolFactory, durability: str) -> None:
+    """After a failed fsync a later fsync proves nothing: the records appended since the last good
+    fsync are written again from memory, and a caller waiting for them (strict) is answered only
+    once that rewrite is fsynced."""
+    spool = spools(tmp_path, durability=durability)
+    spool.start()
+    payloads = [bytes([65 + i]) * 100 for i in range(4)]
+    spool.append(payloads[0], IN_FLIGHT)
+    await asyncio.wait_for(spool.durable(), 10)
+    (path,) = segment_paths(tmp_path)
+    losing = LosingFsync(keep=path.stat().st_size)
+    spool.syncer.fsync = losing
+    spool.append(payloads[1], IN_FLIGHT)
+    spool.append(payloads[2], IN_FLIGHT)
+    await asyncio.wait_for(spool.durable(), 10)
+    assert losing.failed == 1
+    scan = scan_segment(path)
+    assert (scan.payloads, scan.problem) == (payloads[:3], "")  # written again, not just fsynced again
+    assert spool.write_error == "" and not spool.refusing
+    spool.append(payloads[3], IN_FLIGHT)
+    await asyncio.wait_for(spool.durable(), 10)
+    assert scan_segment(path).payloads == payloads
+    assert on_disk(tmp_path) == spool.size_bytes
+    await close(spool)
+    assert await replay(spools(tmp_path)) == dict(enumerate(payloads))
+
+
+async def test_a_record_is_stored_once_it_is_written_or_under_strict_fsynced(
+        tmp_path: Path, spools: SpoolFactory) -> None:
+    spool = spools(tmp_path, durability="strict")
+    spool.start()
+    seq = spool.append(record(0), IN_FLIGHT)
+    assert spool.stored(seq) is False
+    await asyncio.wait_for(spool.durable(), 10)
+    assert spool.stored(seq) is True
+    spool.ack(seq)
+    assert spool.stored(seq) is None   # settled: not its owner's to send any more
+    waiting = spool.append(record(1), WAITING)
+    assert spool.stored(waiting) is None   # WAITING records are replay's
+
+
+def on_disk(directory: Path) -> int:
+    return sum(path.stat().st_size for path in segment_paths(directory))
+
+
+# --- the checkpoint ---------------------------------------------------------------------------
+
+async def test_a_torn_checkpoint_is_logged_and_everything_on_disk_is_replayed(
+        tmp_path: Path, spools: SpoolFactory, caplog: pytest.LogCaptureFixture) -> None:
+    spool = spools(tmp_path)
+    payloads = [record(i) for i in range(5)]
+    for p in payloads:
+        spool.append(p, IN_FLIGHT)
+    spool.ack(0)
+    await close(spool)
+    assert read_checkpoint(tmp_path) == 1
+    (tmp_path / "checkpoint").write_text('{"acked_bel')   # torn by a crash
+    with caplog.at_level(logging.WARNING, logger="sidecar.usage.spool"):
+        again = spools(tmp_path)
+    warnings = [r for r in caplog.records if r.getMessage() == "usage spool checkpoint unreadable: every record "
+                "on disk is replayed"]
+    assert len(warnings) == 1
+    assert again.recovery.unsettled == 5   # at least once: the acknowledged one is sent again too
+    assert await replay(again) == dict(enumerate(payloads))
+    assert again.component()["checkpoint_unreadable_at_start"].startswith("not a checkpoint")
+
+
+async def test_the_checkpoint_is_fsynced_before_it_replaces_the_old_one(
+        tmp_path: Path, spools: SpoolFactory) -> None:
+    spool = spools(tmp_path)
+    fsynced: list[str] = []
+
+    def recording(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+    spool.syncer.fsync = recording
+    spool.ack(spool.append(record(0), IN_FLIGHT))
+    await spool.flush()
+    assert read_checkpoint(tmp_path) == 1
+    tmp, directory = str(tmp_path / "checkpoint.tmp"), str(tmp_path)
+    assert tmp in fsynced, fsynced                      # the new content is on disk before the rename
+    assert directory in fsynced[fsynced.index(tmp):], fsynced  # and the rename is, after it
+    assert not (tmp_path / "checkpoint.tmp").exists()
