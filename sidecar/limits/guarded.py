@@ -12,6 +12,10 @@ open after repeated failures, `limits.on_store_error` decides:
 
 While the breaker is open, calls never touch Redis (none waits out a timeout); a probe pings it
 every cooldown and closes the breaker when it answers, so recovery needs no restart.
+
+A call whose Redis decision failed after it may have run there is decided (and charged) by the
+fallback; the Redis store releases its own charge in the background, so the call is charged once,
+where its verdict came from, and settled there.
 """
 from __future__ import annotations
 
@@ -68,20 +72,22 @@ class GuardedStore:
                *, degraded: bool = False) -> None:
         if degraded:
             self._fallback.settle(ask, rate_deltas, budget_deltas)
-        elif not self._breaker.open:  # else the reservation stays charged in Redis: never under-counts
+        else:  # also while the breaker is open: the Redis store resends it until Redis answers
             self._primary.settle(ask, rate_deltas, budget_deltas)
 
     async def flush(self) -> None:
         await self._primary.flush()
 
-    def _settle_failed(self, exc: StoreUnavailable) -> None:
-        """A batch of settlements was lost: counted and logged; reservations stay charged.
+    def wall(self) -> float:
+        return self._primary.wall()  # Redis's clock, as last learned: also while it is out
 
-        Not resent (a timed-out script may have run: twice would under-count), and not held
-        against the breaker: admissions decide that on their own calls.
+    def _settle_failed(self, exc: StoreUnavailable) -> None:
+        """A batch of settlements failed: counted and logged; the Redis store resends it in the
+        background (applied once however often sent). Not held against the breaker: admissions
+        decide that on their own calls.
         """
         LIMIT_STORE_ERRORS.inc()
-        log.warning("limit store settlement failed; those reservations stay charged", extra={"error": str(exc)})
+        log.warning("limit store settlement failed; resending it", extra={"error": str(exc)})
 
     def _failed(self, exc: StoreUnavailable) -> None:
         LIMIT_STORE_ERRORS.inc()

@@ -77,6 +77,9 @@ class MemoryLimitStore:
     async def flush(self) -> None:
         return None  # corrections are applied as they come
 
+    def wall(self) -> float:
+        return self._wall()
+
     def consumed(self, ask: Ask, i: int) -> int:
         return self._consumed.get(ask.budget_key(i), (0, 0.0))[0]
 

@@ -4,108 +4,67 @@ One call = one round trip: a Lua script decides every rate and budget of an `Ask
 them only if all admit (the twin of `gcra.decide` and `budget.over_budget`). Decisions that
 arrive while a batch is in flight go out together in the next pipeline. Settlements after calls
 are summed per key and sent one script per org, with the next batch of decisions or after a
-couple of milliseconds: a settlement costs a dict update, not a round trip of its own. Time is
-Redis's own (`TIME`), so sidecars with skewed clocks share one timeline. Every key of an ask carries the
-org as hash tag (`sidecar:rl:{acme}:...`), so a script's keys sit in one Cluster slot. Rate keys
-expire once their bucket is full again; budget keys at the end of their window plus a day.
+couple of milliseconds: a settlement costs a dict update, not a round trip of its own. Every key
+of an ask carries the org as hash tag (`sidecar:rl:{acme}:...`), so a script's keys sit in one
+Cluster slot. Rate keys expire once their bucket is full again; budget keys at the end of their
+window plus a day.
+
+Time is Redis's own (`TIME`): rates are decided on it, and `wall()`, by which `Limits` picks a
+budget's day and month, is this host's clock corrected by Redis's (one TIME at start, then the
+time every decision's reply carries). So sidecars with skewed clocks share one timeline, and
+charge the same window at the same moment.
+
+A decision whose caller never gets the verdict (the caller was cancelled, or the reply timed
+out, or the batch failed after it may have run) is released, exactly once. The admit script
+leaves a marker with what it charged (`sidecar:res:{org}:<store>:<n>`, for
+`RESERVATION_MARKER_SECONDS`); a release ("void") refunds only if the marker is there and deletes
+it, or else leaves a tombstone in its place, so that a decision still on its way charges
+nothing. Whatever order they run in, the charge is undone once. Settlement batches are numbered
+per store: the script records the numbers it applied (a small sorted set per store and org), so
+a batch that failed may be resent, and is, without being applied twice. Voids and resends go out
+in the background on their own connection (never in a decision's pipeline), until Redis answers
+or `RESERVATION_MARKER_SECONDS` / `SETTLE_RESEND_SECONDS` have passed.
 
 Scripts run by EVALSHA; after a NOSCRIPT (a restarted or flushed Redis) the script is loaded
 again and the call repeated once. Every failure leaves here as `StoreUnavailable`: the guard
-above decides what a failing store means for the call. No retries here: a slow store must cost
-a call at most about two timeouts (its batch may wait behind the one in flight).
+above decides what a failing store means for the call. A batch (connect, send, read, a NOSCRIPT
+reload) must be done within one timeout, and a decision waits at most for the batch in flight
+and then its own: a slow store costs a call at most about two timeouts.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import itertools
 import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.limits.gcra import charged
+from sidecar.limits.redis_scripts import ADMIT, SETTLE, VOID, Script
 from sidecar.limits.store import Ask, StoreUnavailable, Verdict
 from sidecar.tasks import Tasks
 
 log = logging.getLogger("sidecar.limits")
 
-# KEYS: n rate keys, then m budget keys.
-# ARGV: n, m; per rate: interval_us, burst_us, cost_us, shadow (0/1); per budget: limit, cost, expire_at.
-# Returns {allowed, kind (1 rate, 2 budget), index, value (wait_us or consumed), shadow indices...}.
-ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
-local new, shadow = {}, {}
-local worst, denied = 0, 0
-for i = 1, n do
-  local a = 2 + (i - 1) * 4
-  local burst, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local v = redis.call('GET', KEYS[i])
-  local start = now
-  if v and tonumber(v) > now then start = tonumber(v) end
-  new[i] = start + cost
-  local wait = new[i] - now - burst
-  if wait > 1 then
-    if ARGV[a + 4] == '1' then
-      shadow[#shadow + 1] = i
-      new[i] = start
-    elseif wait > worst then
-      worst, denied = wait, i
-    end
-  end
-end
-if denied > 0 then
-  return {0, 1, denied, string.format('%.0f', worst), unpack(shadow)}
-end
-local used = {}
-for j = 1, m do
-  local a = 2 + n * 4 + (j - 1) * 3
-  used[j] = tonumber(redis.call('GET', KEYS[n + j]) or '0')
-  if used[j] + tonumber(ARGV[a + 2]) > tonumber(ARGV[a + 1]) then
-    return {0, 2, j, string.format('%.0f', used[j]), unpack(shadow)}
-  end
-end
-for i = 1, n do
-  redis.call('SET', KEYS[i], string.format('%.0f', new[i]), 'PX', math.ceil((new[i] - now) / 1000) + 1000)
-end
-for j = 1, m do
-  local a = 2 + n * 4 + (j - 1) * 3
-  redis.call('INCRBY', KEYS[n + j], ARGV[a + 2])
-  redis.call('EXPIREAT', KEYS[n + j], ARGV[a + 3])
-end
-return {1, 0, 0, '0', unpack(shadow)}
-"""
-
-# KEYS: the keys of one org to correct. ARGV per key: interval_us (0 = a budget counter), delta.
-SETTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-for i = 1, #KEYS do
-  local interval, delta = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  if interval > 0 then
-    local v = redis.call('GET', KEYS[i])
-    local start = now
-    if v and tonumber(v) > now then start = tonumber(v) end
-    local tat = math.max(now, start + delta * interval)
-    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-  elseif redis.call('EXISTS', KEYS[i]) == 1 then
-    if redis.call('INCRBY', KEYS[i], delta) < 0 then
-      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
-    end
-  end
-end
-return 1
-"""
-
 SETTLE_BATCH_SECONDS = 0.002  # corrections of this long go to Redis in one round trip
 BUDGET_KEY_GRACE_SECONDS = 86_400  # budget counters outlive their window by a day, for audits
+# How long a decision's marker (or a void's tombstone) lives: a decision whose caller left is released
+# if Redis answers within this; a decision that reaches Redis this much later than its void is charged.
+RESERVATION_MARKER_SECONDS = 30.0
+SETTLE_RESEND_SECONDS = 300.0  # a settlement batch that failed is resent for this long, then dropped
+APPLIED_SET_SECONDS = SETTLE_RESEND_SECONDS + 60.0  # the record of applied batches outlives every resend
+RESEND_FIRST_SECONDS, RESEND_MAX_SECONDS = 0.05, 1.0  # back-off between rounds of resends
 
 
 class Corrections:
@@ -126,59 +85,107 @@ class Corrections:
             del self.by_org[ask.org]
 
 
-class Script:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class ScriptCall:
     script: Script
     keys: list[str]
     args: list[Any]
+    # a decision's: told the reply (or the failure) when its caller will never see it
+    on_lost: Callable[[Any], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """A call sent again in the background until Redis answers it or `deadline` (monotonic) passes."""
+
+    call: ScriptCall
+    deadline: float
+    batch: int = 0  # a settlement batch's number (0: a void)
 
 
 class RedisLimitStore:
     name = "redis"
 
-    def __init__(self, url: str, timeout: float) -> None:
-        # few connections: one batch is in flight at a time, plus a probe
+    def __init__(self, url: str, timeout: float, *, wall: Callable[[], float] = time.time) -> None:
+        # few connections: one batch is in flight at a time, plus resends and a probe. No socket
+        # timeout: one deadline bounds each whole round trip (`_eval`, `ping`), and costs one timer
+        # per batch instead of one per reply read
         pool = aioredis.ConnectionPool.from_url(
-            url, max_connections=8, socket_timeout=timeout, socket_connect_timeout=timeout,
+            url, max_connections=8, socket_timeout=None, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self._redis = aioredis.Redis(connection_pool=pool)
+        self._timeout = timeout
+        self._wall = wall
+        self._offset = _clock_offset(url, timeout, wall)  # Redis's clock minus ours
         self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
         self._sending = False
         parsed = urlsplit(url)
         self._where = f"{parsed.hostname or parsed.path}:{parsed.port or ''}".rstrip(":")  # no password
         self._admit = Script(ADMIT)
         self._settle = Script(SETTLE)
+        self._void = Script(VOID)
+        self._id = os.urandom(6).hex()  # this store's name in its markers and its record of applied batches
+        self._markers = itertools.count(1)
+        self._batches = itertools.count(1)
+        self._unanswered: set[int] = set()  # settlement batches sent whose outcome is not known yet
+        self._resends: list[Resend] = []
+        self._resending: list[Resend] = []  # the round in flight
+        self._resender: asyncio.Task[None] | None = None
+        self._closing = False
         self._pending = Corrections()
         self._flusher: asyncio.Task[None] | None = None
         self._tasks = Tasks()
-        # told when a batch of settlements is lost (they run in the background); the guard counts it
+        # told when a batch of settlements fails (they run in the background); the guard counts it
         self.on_failure: Callable[[StoreUnavailable], None] = _log_failure
 
+    def wall(self) -> float:
+        return self._wall() + self._offset
+
     async def admit(self, ask: Ask) -> Verdict:
-        args: list[Any] = [len(ask.rates), len(ask.budgets)]
+        marker = f"sidecar:res:{{{ask.org}}}:{self._id}:{next(self._markers):x}"
+        args: list[Any] = [len(ask.rates), len(ask.budgets), _MARKER_MS]
         for rate, cost in zip(ask.rates, ask.rate_costs, strict=True):
             interval_us = 1e6 / rate.per_second
             args += [_num(interval_us), _num(rate.burst * interval_us), _num(charged(rate, cost) * interval_us),
                      1 if rate.shadow else 0]
         for budget, cost in zip(ask.budgets, ask.budget_costs, strict=True):
             args += [budget.limit, cost, int(budget.window.resets_at) + BUDGET_KEY_GRACE_SECONDS]
-        reply = await self._run(self._admit, ask.keys(), args)
+        call = ScriptCall(self._admit, [*ask.keys(), marker], args, partial(self._release, ask, marker))
+        future = self._submit(call)
+        try:
+            reply = await future
+        except BaseException:
+            # the reply or the failure came, but the caller will not see it (a cancelled future's
+            # reply, if any, goes to `_release` from the batch that gets it)
+            if not future.cancelled():
+                self._release(ask, marker, future.exception() or future.result())
+            raise
         if not isinstance(reply, list):
             raise StoreUnavailable(f"unexpected reply from the admit script: {reply!r}")
         allowed, kind, index, value = int(reply[0]), int(reply[1]), int(reply[2]), float(reply[3])
-        shadow = tuple(ask.rates[int(i) - 1].name for i in reply[4:])
+        self._offset = int(reply[4]) / 1e6 - self._wall()
+        shadow = tuple(ask.rates[int(i) - 1].name for i in reply[5:])
         if allowed:
             return Verdict(True, shadow_denied=shadow,
                            charged=tuple(charged(r, c) for r, c in zip(ask.rates, ask.rate_costs, strict=True)))
         if kind == 1:
             return Verdict(False, value / 1e6, ask.rates[index - 1].name, shadow_denied=shadow)
-        return Verdict(False, 0.0, ask.budgets[index - 1].name, True, int(value), shadow)
+        if kind == 2:
+            return Verdict(False, 0.0, ask.budgets[index - 1].name, True, int(value), shadow)
+        raise StoreUnavailable("the decision was released before it ran")  # its caller had given up on it
+
+    def _release(self, ask: Ask, marker: str, reply: Any) -> None:
+        """A decision's caller will never see `reply`: whatever it charged is voided, in the background.
+
+        A failure means it may have run; only a denial (or a release that came first) charged nothing."""
+        if isinstance(reply, list) and int(reply[0]) != 1:
+            return
+        args: list[Any] = [_MARKER_MS, len(ask.rates)]
+        for rate, cost in zip(ask.rates, ask.rate_costs, strict=True):
+            args += [_num(1e6 / rate.per_second), _num(charged(rate, cost))]
+        args += ask.budget_costs
+        self._resend(Resend(ScriptCall(self._void, [marker, *ask.keys()], args),
+                            time.monotonic() + RESERVATION_MARKER_SECONDS))
 
     def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
                *, degraded: bool = False) -> None:
@@ -193,46 +200,98 @@ class RedisLimitStore:
             await self.flush()
 
     async def flush(self) -> None:
-        """Sends the queued corrections now: one SETTLE per org (one Cluster slot each), pipelined.
-
-        A failure is reported to `on_failure` and the corrections are dropped: reservations then
-        stay charged, which never under-counts (resending a timed-out script could apply a refund
-        twice).
-        """
+        """Sends the queued corrections now (one SETTLE per org: one Cluster slot each, pipelined)
+        and waits for that attempt. A batch that fails is reported to `on_failure` and resent in
+        the background (applied once, however often it is sent) for `SETTLE_RESEND_SECONDS`."""
         futures = self._queue_settlements()
         if futures:
             self._ensure_sender()
-            await asyncio.gather(*futures, return_exceptions=True)
+            await asyncio.wait(futures)  # a cancelled flush leaves them to the sender
 
     def _queue_settlements(self) -> list[asyncio.Future[Any]]:
         batch, self._pending = self._pending, Corrections()
         futures = []
-        for keys in batch.by_org.values():
-            args = [part for entry in keys.values() for part in (_num(entry[0]), _num(entry[1]))]
-            future = self._enqueue(ScriptCall(self._settle, list(keys), args))
-            future.add_done_callback(self._settlement_done)
+        for org, keys in batch.by_org.items():
+            number = next(self._batches)
+            self._unanswered.add(number)
+            args = [number, min(self._unanswered), _APPLIED_SET_MS,
+                    *(part for entry in keys.values() for part in (_num(entry[0]), _num(entry[1])))]
+            call = ScriptCall(self._settle, [f"sidecar:settled:{{{org}}}:{self._id}", *keys], args)
+            future = self._enqueue(call)
+            future.add_done_callback(partial(self._settlement_done, call, number))
             futures.append(future)
         return futures
 
-    def _settlement_done(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            self.on_failure(StoreUnavailable("cancelled in flight; whether it was applied is unknown"))
-        elif (exc := future.exception()) is not None:
-            self.on_failure(exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc)))
+    def _settlement_done(self, call: ScriptCall, number: int, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._unanswered.discard(number)
+            return
+        exc = StoreUnavailable("cancelled in flight") if future.cancelled() else future.exception()
+        self.on_failure(exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc)))
+        self._resend(Resend(call, time.monotonic() + SETTLE_RESEND_SECONDS, number))
+
+    @property
+    def resends_pending(self) -> int:
+        """Voids and settlement batches not yet answered by Redis (queued or in flight)."""
+        return len(self._resends) + len(self._resending)
+
+    def _resend(self, resend: Resend) -> None:
+        self._resends.append(resend)
+        if not self._closing and (self._resender is None or self._resender.done()):
+            self._resender = self._tasks.spawn(self._resend_all(), name="limit-store-resend")
+
+    async def _resend_all(self) -> None:
+        """Sends what waits to be resent, round after round, backing off while Redis fails."""
+        delay = RESEND_FIRST_SECONDS
+        while self._resends:
+            if await self._resend_round():
+                delay = RESEND_FIRST_SECONDS
+            else:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RESEND_MAX_SECONDS)
+
+    async def _resend_round(self) -> bool:
+        """One pipeline of every waiting resend; True when Redis answered all of them."""
+        self._resending, self._resends = self._resends, []
+        try:
+            replies: list[Any] = await self._eval([resend.call for resend in self._resending])
+        except StoreUnavailable as exc:
+            replies = [exc] * len(self._resending)
+        except BaseException:  # cancelled (at shutdown): they wait for the last round
+            self._resends[:0] = self._resending
+            self._resending = []
+            raise
+        now, gave_up = time.monotonic(), 0
+        for resend, reply in zip(self._resending, replies, strict=True):
+            if not isinstance(reply, BaseException):
+                self._unanswered.discard(resend.batch)
+            elif now < resend.deadline:
+                self._resends.append(resend)
+            else:
+                self._unanswered.discard(resend.batch)
+                gave_up += 1
+        self._resending = []
+        if gave_up:
+            log.warning("limit store: gave up resending releases and settlements; those stay charged",
+                        extra={"count": gave_up})
+        return all(not isinstance(reply, BaseException) for reply in replies)
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())
-        except (RedisError, OSError):
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._redis.ping())
+        except (RedisError, OSError, TimeoutError):
             return False
 
     def _run(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Queues one script call; its reply (or StoreUnavailable) arrives on the returned future.
+        """Queues one script call; its reply (or StoreUnavailable) arrives on the returned future."""
+        return self._submit(ScriptCall(script, keys, args))
 
-        Calls queued while a batch is in flight go out together as the next batch (automatic
-        pipelining): under load many decisions share one write, one read and one connection.
-        """
-        future = self._enqueue(ScriptCall(script, keys, args))
+    def _submit(self, call: ScriptCall) -> asyncio.Future[Any]:
+        """Queues `call` for the next batch. Calls queued while a batch is in flight go out together
+        as the next batch (automatic pipelining): under load many decisions share one write, one
+        read and one connection."""
+        future = self._enqueue(call)
         self._ensure_sender()
         return future
 
@@ -256,45 +315,59 @@ class RedisLimitStore:
 
     async def _send_batch(self) -> None:
         """Sends what is queued as one pipeline and answers every future. Waiting settlements ride
-        along, so a steady flow of calls needs no round trip of its own for them."""
+        along, so a steady flow of calls needs no round trip of its own for them. A call whose
+        caller left before it was sent is not sent."""
         self._queue_settlements()
-        batch, self._queue = self._queue, []
+        batch = [(call, future) for call, future in self._queue if not future.cancelled()]
+        self._queue = []
+        if not batch:
+            return
         try:
             replies = await self._eval([call for call, _ in batch])
         except StoreUnavailable as exc:
             replies = [exc] * len(batch)
         except BaseException:  # cancelled in flight: nobody will answer these calls now
-            for _, future in batch:
+            for call, future in batch:
                 future.cancel()
+                if call.on_lost is not None:
+                    call.on_lost(StoreUnavailable("cancelled in flight"))
             raise
-        for (_, future), reply in zip(batch, replies, strict=True):
-            _resolve(future, reply)
+        for (call, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller left: the reply goes where the verdict would have
+                if call.on_lost is not None:
+                    call.on_lost(reply)
+            elif isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     async def _eval(self, calls: list[ScriptCall]) -> list[Any]:
-        """EVALSHA each call in one round trip; after NOSCRIPT, loads the script and resends those."""
+        """EVALSHA each call in one round trip; after NOSCRIPT, loads the script and resends those.
+        All of it within one timeout."""
         try:
-            replies: list[Any] = [None] * len(calls)
-            todo = list(range(len(calls)))
-            for attempt in range(2):
-                pipe = self._redis.pipeline(transaction=False)
-                for i in todo:
-                    call = calls[i]
-                    pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-                results = await pipe.execute(raise_on_error=False)
-                missing = []
-                for i, result in zip(todo, results, strict=True):
-                    if isinstance(result, NoScriptError) and not attempt:
-                        missing.append(i)
-                    elif isinstance(result, Exception):
-                        replies[i] = StoreUnavailable(f"{type(result).__name__}: {result}")
-                    else:
-                        replies[i] = result
-                if not missing:
-                    break
-                for script in {calls[i].script for i in missing}:
-                    await self._redis.script_load(script.source)
-                todo = missing
-            return replies
+            async with asyncio.timeout(self._timeout):
+                replies: list[Any] = [None] * len(calls)
+                todo = list(range(len(calls)))
+                for attempt in range(2):
+                    pipe = self._redis.pipeline(transaction=False)
+                    for i in todo:
+                        call = calls[i]
+                        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                    results = await pipe.execute(raise_on_error=False)
+                    missing = []
+                    for i, result in zip(todo, results, strict=True):
+                        if isinstance(result, NoScriptError) and not attempt:
+                            missing.append(i)
+                        elif isinstance(result, Exception):
+                            replies[i] = StoreUnavailable(f"{type(result).__name__}: {result}")
+                        else:
+                            replies[i] = result
+                    if not missing:
+                        break
+                    for script in {calls[i].script for i in missing}:
+                        await self._redis.script_load(script.source)
+                    todo = missing
+                return replies
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
 
@@ -302,25 +375,44 @@ class RedisLimitStore:
         return {"status": "ok", "store": self.name}
 
     async def aclose(self) -> None:
+        """Waits (1 s at most) for the batches in flight, sends the last settlements, and gives
+        what waits to be resent one last round."""
+        self._closing = True
+        if self._resender is not None:
+            self._resender.cancel()  # its back-off would outlast a shutdown: one last round below
         await self._tasks.aclose(timeout=1.0)
         await self.flush()
+        if self._resends:
+            await self._resend_round()
+            if self._resends:
+                log.warning("limit store closed with releases and settlements unsent; those stay charged",
+                            extra={"count": len(self._resends)})
         await self._redis.aclose()
 
     def __repr__(self) -> str:
         return f"<RedisLimitStore {self._where}>"
 
 
-def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
-    if future.done():
-        return  # its caller went away
-    if isinstance(reply, BaseException):
-        future.set_exception(reply)
-    else:
-        future.set_result(reply)
+_MARKER_MS = int(RESERVATION_MARKER_SECONDS * 1000)
+_APPLIED_SET_MS = int(APPLIED_SET_SECONDS * 1000)
+
+
+def _clock_offset(url: str, timeout: float, wall: Callable[[], float]) -> float:
+    """Redis's clock minus this host's, from one TIME, before the first decision needs it (0 when
+    Redis does not answer: then the first decision's reply tells)."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        sent = wall()
+        seconds, micros = client.time()
+        return seconds + micros / 1e6 - (sent + wall()) / 2
+    except (RedisError, OSError):
+        return 0.0
+    finally:
+        client.close()
 
 
 def _log_failure(exc: StoreUnavailable) -> None:
-    log.warning("limit store settlement failed; reservations stay charged", extra={"error": str(exc)})
+    log.warning("limit store settlement failed; resending it", extra={"error": str(exc)})
 
 
 def _num(value: float) -> str:

@@ -67,6 +67,10 @@ class LimitStore(Protocol):
     async def flush(self) -> None:
         """Applies every correction still waiting (at shutdown, and in tests)."""
 
+    def wall(self) -> float:
+        """Now, in epoch seconds, by the clock the store decides on: budget windows are chosen by
+        it, so that every sidecar sharing the store charges the same day at the same moment."""
+
     def component(self) -> dict[str, Any]:
         """Readiness detail: `{"status": "ok" | "degraded", ...}`."""
 

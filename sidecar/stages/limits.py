@@ -38,14 +38,18 @@ log = logging.getLogger("sidecar.limits")
 
 
 def rates_of(prefix: str, rule: RateRule) -> list[Rate]:
-    """The rates of one config rule (an org's, a key's, an org's on one model)."""
+    """The rates of one config rule (an org's, a key's, an org's on one model).
+
+    A burst defaults to one minute's amount, and is at least one unit: a request costs one whole
+    request however slow its rate (0.25/min is one every 4 minutes), and a token rate holds at
+    least one token (a call larger than its burst is charged the burst, then settled)."""
     rates = []
     if rule.requests_per_minute is not None:
         rates.append(Rate(f"{prefix}:requests_per_minute", rule.requests_per_minute / 60.0,
-                          float(rule.burst or rule.requests_per_minute), rule.shadow))
+                          float(rule.burst or max(1.0, rule.requests_per_minute)), rule.shadow))
     if rule.tokens_per_minute is not None:
         rates.append(Rate(f"{prefix}:tokens_per_minute", rule.tokens_per_minute / 60.0,
-                          float(rule.token_burst or rule.tokens_per_minute), rule.shadow, tokens=True))
+                          float(rule.token_burst or max(1.0, rule.tokens_per_minute)), rule.shadow, tokens=True))
     return rates
 
 
@@ -99,10 +103,10 @@ class Limits:
     span_name = "sidecar.limits"  # rate limits and budgets: one store round trip, one span
 
     def __init__(self, config: Callable[[], Config], store: LimitStore,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] | None = None) -> None:
         self._config = config
         self._store = store
-        self._wall = wall
+        self._wall = wall or store.wall  # the store's clock: one budget window per moment for every sidecar
         self._tables = PerConfig(LimitTable)
         self._decision_seconds = LIMIT_DECISION_SECONDS.labels(store.name)
 

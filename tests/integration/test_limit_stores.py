@@ -7,7 +7,8 @@ length of a wait sleeps measured amounts with 50 ms bounds on both sides.
 
 After the shared tests: what only Redis has (scripts, hash slots, TTLs, its counters), then the
 guard around it (breaker, local fallback, deny) against a Valkey each test starts, kills, freezes
-and restarts itself.
+and restarts itself; then decisions whose caller never got the verdict, settlement batches that
+failed, and the clock budget windows are chosen by.
 """
 from __future__ import annotations
 
@@ -16,22 +17,35 @@ import hashlib
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from redis.crc import key_slot
+from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
+from sidecar.call import Call, begin_call
+from sidecar.config import parse_config
+from sidecar.config_sections import RateRule
 from sidecar.errors import SidecarError
 from sidecar.limits.budget import Budget, day_window, month_window
 from sidecar.limits.gcra import Rate
 from sidecar.limits.guarded import GuardedStore
 from sidecar.limits.memory_store import MemoryLimitStore
-from sidecar.limits.redis_store import ADMIT, BUDGET_KEY_GRACE_SECONDS, SETTLE, RedisLimitStore
+from sidecar.limits.redis_store import (
+    ADMIT,
+    BUDGET_KEY_GRACE_SECONDS,
+    SETTLE,
+    RedisLimitStore,
+    Script,
+    ScriptCall,
+)
 from sidecar.limits.store import Ask, LimitStore, StoreUnavailable, Verdict
+from sidecar.stages.limits import Limits, rates_of
 from tests.harness.procs import ManagedProcess
 from tests.harness.servers import start_valkey
 
@@ -164,6 +178,17 @@ async def test_shadow_denials_are_not_charged(store: LimitStore) -> None:
     await admit_all(store, rates_ask(org, shadow), 5)  # 2 counted, 3 shadow denials
     as_real = Rate("shadow", SLOW, 3)                  # the same key, enforcing, one more unit of burst
     assert [v.allowed for v in await admit_all(store, rates_ask(org, as_real), 2)] == [True, False]
+
+
+async def test_a_request_rate_below_one_per_minute_charges_whole_requests(store: LimitStore) -> None:
+    """0.25 requests a minute: one now, the next in 4 minutes (not in 1: a request is one unit)."""
+    (rate,) = rates_of("org:x", RateRule(requests_per_minute=0.25))
+    ask = rates_ask(new_org(), rate)
+    first = time.monotonic()
+    assert (await store.admit(ask)).allowed
+    denied = await store.admit(ask)
+    elapsed = time.monotonic() - first
+    assert not denied.allowed and 240.0 - elapsed - 0.002 <= denied.retry_after <= 240.0 + 1e-6
 
 
 # --- token costs and settling --------------------------------------------------------------
@@ -345,7 +370,7 @@ async def test_scripts_are_loaded_again_after_script_flush(
     await settled(redis_store, ask, (0.0,), (-100,))
     assert await redis_client.script_exists(sha1(ADMIT), sha1(SETTLE)) == [True, True]
     # the state survived the flush and each call counted once: 2 requests, 100 tokens
-    assert int(await redis_client.get(ask.budget_key(0))) == 100
+    assert await redis_int(redis_client, ask.budget_key(0)) == 100
     assert [v.allowed for v in await admit_all(redis_store, ask, 2)] == [True, False]
 
 
@@ -513,7 +538,7 @@ async def test_lost_settlements_are_counted_but_do_not_open_the_breaker(
     valkey.proc.kill()
     errors = store_errors()
     for _ in range(FAILURES + 1):
-        await settled(guarded, ask, (), (-50,))               # sent in the background, and lost
+        await settled(guarded, ask, (), (-50,))               # fails: counted, resent in the background
     assert store_errors() == errors + FAILURES + 1
     assert guarded.component()["status"] == "ok"              # admissions decide about the breaker
     for _ in range(FAILURES):
@@ -556,9 +581,7 @@ async def test_a_frozen_store_costs_a_call_one_timeout_then_none(
             assert verdict.degraded and verdict.allowed
             assert GUARD_TIMEOUT * 0.8 <= took <= GUARD_TIMEOUT + 0.5, took
         assert guarded.component()["status"] == "degraded"
-        started = time.monotonic()
-        assert (await guarded.admit(ask)).degraded
-        assert time.monotonic() - started < 0.1               # the open breaker skips the store
+        assert decided_without_waiting(guarded.admit(ask)).degraded   # the open breaker skips the store
         # let at least one probe time out on the frozen server: it must neither close the
         # breaker nor die (a deliberate wait: nothing observable happens when a probe fails)
         await asyncio.sleep(COOLDOWN + GUARD_TIMEOUT + 0.1)
@@ -567,6 +590,18 @@ async def test_a_frozen_store_costs_a_call_one_timeout_then_none(
         valkey.proc.signal(signal.SIGCONT)
     await eventually(lambda: guarded.component()["status"] == "ok", COOLDOWN + GUARD_TIMEOUT + 1.5, "the probe")
     assert not (await guarded.admit(ask)).degraded
+
+
+def decided_without_waiting(admission: Coroutine[Any, Any, Verdict]) -> Verdict:
+    """The verdict of an admission that never suspends: it sent nothing anywhere and waited for
+    nothing (a store round trip, even to a live store, would suspend it)."""
+    try:
+        admission.send(None)
+    except StopIteration as done:
+        verdict: Verdict = done.value
+        return verdict
+    admission.close()
+    raise AssertionError("the admission waited for something: it went to the store")
 
 
 async def test_calls_queued_behind_a_frozen_batch_fail_too(valkey: Valkey) -> None:
@@ -661,3 +696,206 @@ async def test_settlements_ride_along_with_the_next_decision(
     other = new_org()
     assert (await redis_store.admit(rates_ask(other, Rate(f"org:{other}:r", SLOW, 5)))).allowed
     assert await redis_int(redis_client, ask.budget_key(0)) == 100
+
+
+# --- Redis only: a decision whose caller never got its verdict is released ------------------
+#
+# The seam: the store's own pipelining. A script that keeps Valkey busy is queued into the same
+# pipeline as a decision, behind it: Valkey runs the decision first, then stalls, and its reply
+# comes late (after the caller left, or after the read timed out). No clock races: the order is
+# the pipeline's, and asyncio runs ready callbacks in the order they were scheduled.
+
+# busy for ARGV[1] ms of Valkey's CPU time (at least as long in wall time); TIME cannot measure
+# it: a script sees the time frozen at its start
+STALL = Script("""
+local start = os.clock()
+while os.clock() - start < tonumber(ARGV[1]) / 1000 do end
+return 1
+""")
+
+
+STALL_SECONDS = 5 * GUARD_TIMEOUT  # a reply this late comes long after the read timed out
+
+
+async def queued_with_a_stall(store: RedisLimitStore, admission: Awaitable[Verdict],
+                              seconds: float) -> tuple[asyncio.Future[Verdict], asyncio.Future[Any]]:
+    """Starts `admission` and queues, right behind its script in the same pipeline, one that keeps
+    Valkey busy for `seconds`. Returns (the admission, the stall's reply)."""
+    caller = asyncio.ensure_future(admission)
+    await asyncio.sleep(0)        # the admission queued its script; the batch is not taken yet
+    assert [call.script.source for call, _ in store._queue] == [ADMIT]
+    stall = store._run(STALL, [], [int(seconds * 1000)])
+    assert [call.script.source for call, _ in store._queue] == [ADMIT, STALL.source]
+    return caller, stall
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def valkey_client(valkey: Valkey) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(valkey.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_a_decision_cancelled_in_flight_is_released(valkey: Valkey, valkey_client: aioredis.Redis) -> None:
+    """The caller leaves while its decision is in flight: Valkey ran the script and charged the
+    rate and the budget, the reply comes to nobody. Both charges are released."""
+    store = RedisLimitStore(valkey.url, timeout=10.0)  # the stall must not time out
+    try:
+        org = new_org()
+        rate, day = Rate("requests", SLOW, 2), budget(org, "tokens_per_day", 1000)
+        assert (await store.admit(Ask(org, (), (), (day,), (600,)))).allowed
+        ask = Ask(org, (rate,), (1.0,), (day,), (300,))
+        caller, stall = await queued_with_a_stall(store, store.admit(ask), 0.3)
+        await asyncio.sleep(0.1)                  # the batch was taken and sent: the decision runs, Valkey stalls
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert await stall == 1                   # the replies came back, the decision's first
+        await until(lambda: redis_equals(valkey_client, ask.budget_key(0), 600), 2.0, "the charge released")
+        follow = Ask(org, (rate,), (1.0,), (day,), (400,))
+        assert (await store.admit(follow)).allowed  # 600 + 400: the 300 was never used
+        assert (await store.admit(rates_ask(org, rate))).allowed   # the rate's 2nd unit is free too
+        assert await redis_int(valkey_client, ask.budget_key(0)) == 1000
+    finally:
+        await store.aclose()
+
+
+async def test_a_decision_answered_as_its_caller_leaves_is_released(
+        valkey: Valkey, valkey_client: aioredis.Redis) -> None:
+    """The verdict arrived, but the caller was cancelled before it read it: released too."""
+    store = RedisLimitStore(valkey.url, timeout=5.0)
+    try:
+        org = new_org()
+        day = budget(org, "tokens_per_day", 1000)
+        assert (await store.admit(Ask(org, (), (), (day,), (600,)))).allowed
+        ask = Ask(org, (), (), (day,), (300,))
+        ahead = store._enqueue(ScriptCall(Script("return 1"), [], []))  # first in the next pipeline
+        caller = asyncio.ensure_future(store.admit(ask))
+        assert await ahead == 1     # answered just before the decision, in the same batch ...
+        assert not caller.done()    # ... whose caller has its verdict waiting, unread
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await until(lambda: redis_equals(valkey_client, ask.budget_key(0), 600), 2.0, "the charge released")
+        assert (await store.admit(Ask(org, (), (), (day,), (400,)))).allowed
+        assert await redis_int(valkey_client, ask.budget_key(0)) == 1000
+    finally:
+        await store.aclose()
+
+
+async def test_a_decision_that_timed_out_after_it_ran_is_released_once(
+        valkey: Valkey, valkey_client: aioredis.Redis) -> None:
+    """The read times out after Valkey ran the decision: the call is decided by the local
+    fallback (which charges its own share), and the charge in Valkey is released once Valkey
+    answers again: once, although the release itself times out and is resent while Valkey stalls."""
+    primary = RedisLimitStore(valkey.url, timeout=GUARD_TIMEOUT)
+    guarded = GuardedStore(primary, on_error="allow", share=0.5, failures=FAILURES, cooldown=COOLDOWN)
+    try:
+        org = new_org()
+        day = budget(org, "tokens_per_day", 1000)
+        assert not (await guarded.admit(Ask(org, (), (), (day,), (600,)))).degraded
+        ask = Ask(org, (), (), (day,), (300,))
+        caller, stall = await queued_with_a_stall(primary, guarded.admit(ask), STALL_SECONDS)
+        verdict = await caller
+        assert verdict.allowed and verdict.degraded            # the fallback: 300 of its 500
+        assert primary.resends_pending == 1                    # the release of the Redis charge, queued
+        with pytest.raises(StoreUnavailable):
+            await stall                                        # the whole pipeline timed out
+        guarded.settle(ask, (), (-300,), degraded=True)        # served nothing: released where it was charged
+        assert guarded._fallback.consumed(ask, 0) == 0
+        await until(lambda: redis_equals(valkey_client, ask.budget_key(0), 600), 5.0, "the charge released")
+        await eventually(lambda: primary.resends_pending == 0, 5.0, "the release to be answered")
+        follow = await guarded.admit(Ask(org, (), (), (day,), (400,)))
+        assert follow.allowed and not follow.degraded          # 600 + 400: released exactly once
+        over = await guarded.admit(Ask(org, (), (), (day,), (1,)))
+        assert not over.allowed and over.budget_used == 1000
+    finally:
+        await guarded.aclose()
+
+
+async def test_a_settlement_batch_that_failed_is_resent_and_applied_once(
+        valkey: Valkey, valkey_client: aioredis.Redis) -> None:
+    """A settlement batch whose reply timed out after Valkey applied it is not applied again by
+    its resend; one that Valkey never ran (writes paused, the connection dropped) is resent and
+    applied when Valkey takes writes again."""
+    store = RedisLimitStore(valkey.url, timeout=GUARD_TIMEOUT)
+    try:
+        late, lost = (Ask(org, (), (), (budget(org, "tokens_per_day", 1000),), (600,)) for org in (new_org(), new_org()))
+        assert (await store.admit(late)).allowed and (await store.admit(lost)).allowed
+        store.settle(late, (), (-200,))
+        store._queue_settlements()                             # queued now, for the pipeline below
+        stall = store._run(STALL, [], [int(STALL_SECONDS * 1000)])   # applied first, then Valkey stalls
+        assert [call.script.source for call, _ in store._queue] == [SETTLE, STALL.source]
+        with pytest.raises(StoreUnavailable):
+            await stall                                        # the whole pipeline timed out
+        assert store.resends_pending == 1                      # the settlement, to be resent
+        await eventually(lambda: store.resends_pending == 0, 5.0, "the resend answered")
+        assert await redis_int(valkey_client, late.budget_key(0)) == 400   # applied once, not twice
+
+        await valkey_client.client_pause(int(STALL_SECONDS * 1000), all=False)  # writes (and scripts) wait
+        await settled(store, lost, (), (-200,))                # times out unapplied, its connection dropped
+        assert await redis_int(valkey_client, lost.budget_key(0)) == 600
+        await until(lambda: redis_equals(valkey_client, lost.budget_key(0), 400), 5.0, "the resent settlement")
+        await eventually(lambda: store.resends_pending == 0, 5.0, "every resend answered")
+        assert [await redis_int(valkey_client, ask.budget_key(0)) for ask in (late, lost)] == [400, 400]
+    finally:
+        await store.aclose()
+
+
+async def redis_equals(client: aioredis.Redis, key: str, value: int) -> bool:
+    return await redis_int(client, key) == value
+
+
+# --- budget windows follow the store's clock ---------------------------------------------------
+
+DAY_BUDGET = parse_config("""
+budgets:
+  orgs:
+    anonymous: {tokens_per_day: 100000}
+models:
+  chat:
+    backends: [{name: a, address: "127.0.0.1:1"}]
+""")
+
+
+async def test_budget_windows_follow_redis_time_not_the_sidecars_clock(
+        valkey: Valkey, valkey_client: aioredis.Redis) -> None:
+    """A sidecar whose clock runs a day ahead charges the day that Valkey's clock says, as every
+    other sidecar of the fleet does at that moment."""
+    skew = 86_400.0
+    store = RedisLimitStore(valkey.url, timeout=TIMEOUT, wall=lambda: time.time() + skew)
+    limits = Limits(lambda: DAY_BUDGET, store)
+    try:
+        for _ in range(3):  # a call exactly at midnight UTC would straddle two days: then again
+            seconds, micros = await valkey_client.time()
+            before = day_window(seconds + micros / 1e6)
+            call = infer_call(max_output_tokens=100)
+            await limits(call)
+            seconds, micros = await valkey_client.time()
+            if day_window(seconds + micros / 1e6) == before:
+                break
+        assert call.reservation is not None
+        (charged,) = call.reservation.ask.budgets
+        assert charged.window == before
+        assert await redis_int(valkey_client, call.reservation.ask.budget_key(0)) == 100
+        assert abs(store.wall() - (seconds + micros / 1e6)) < 5.0
+    finally:
+        await store.aclose()
+
+
+def infer_call(max_output_tokens: int) -> Call:
+    call = begin_call("Infer", InferRequest(model="chat", max_output_tokens=max_output_tokens).SerializeToString(),
+                      (), None)
+    call.parse()
+    call.org, call.model = "anonymous", DAY_BUDGET.models["chat"]
+    return call

@@ -59,9 +59,13 @@ def test_record_success_closes_an_open_breaker_and_reports_it() -> None:
 
 
 def test_threshold_of_one() -> None:
-    breaker = Breaker(failures=1, cooldown=0.5, clock=Clock())
-    assert breaker.record_failure() is True and breaker.open
-    assert breaker.cooldown == 0.5
+    """Every single failure opens a closed breaker, at the time of that failure."""
+    clock = Clock()
+    breaker = Breaker(failures=1, cooldown=0.5, clock=clock)
+    assert breaker.record_failure() is True and breaker.open and breaker.opened_at == 100.0
+    assert breaker.record_success() is True and not breaker.open
+    clock.now = 130.0
+    assert breaker.record_failure() is True and breaker.opened_at == 130.0
 
 
 def test_repr_shows_state() -> None:
@@ -70,3 +74,5 @@ def test_repr_shows_state() -> None:
     assert repr(breaker) == "<Breaker closed failures=1/2>"
     breaker.record_failure()
     assert repr(breaker) == "<Breaker open failures=2/2>"
+    breaker.record_success()
+    assert repr(breaker) == "<Breaker closed failures=0/2>"
