@@ -26,6 +26,7 @@ from sidecar.stages import proxy
 SERVICE = "inference.v1.Inference"
 Context = grpc.aio.ServicerContext[bytes, bytes]
 log = logging.getLogger("sidecar.server")
+DEADLINE_SLACK_SECONDS = 0.05  # a cancellation this close to the call's deadline is the deadline
 
 
 class InFlight:
@@ -139,7 +140,10 @@ class CallScope:
             call.status = "OK"
         elif isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the RPC ended under us
             remaining = self._context.time_remaining()
-            call.status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            # a caller's client cancels at its own deadline, a hair before ours (the wire rounds
+            # the timeout up): that is the deadline, not a caller who changed its mind
+            call.status = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+                           else "CANCELLED")
         else:
             rescued = errors.rescue(exc, call.request_id)
             call.status, call.reason = rescued.code.name, rescued.reason

@@ -38,14 +38,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from sidecar import __version__
 from sidecar.telemetry.metrics import TRACE_SPANS_DROPPED, TRACE_SPANS_EXPORTED
-from sidecar.telemetry.trace_context import (  # noqa: F401 - re-exported for the exporter's users
-    Span,
-    new_span_id,
-    new_trace_id,
-    parse_traceparent,
-    sampled_by_ratio,
-    traceparent,
-)
+from sidecar.telemetry.trace_context import Span, new_span_id
 
 if TYPE_CHECKING:
     from sidecar.call import Call

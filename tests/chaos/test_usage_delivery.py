@@ -21,11 +21,11 @@ from sidecar_client.inference.v1.inference_pb2 import InferRequest
 from sidecar_client.sidecar.usage.v1.usage_pb2 import UsageRecord
 
 from tests.conftest import Launcher
+from tests.harness.invariants import assert_invariants
 from tests.harness.load import INFER, Load
 from tests.harness.procs import free_port, wait_until
 from tests.harness.servers import TansuBroker, kafka_consume_all, start_tansu
 from tests.harness.sidecar import SIDECAR, BackendProc, SidecarProc, one_model
-from tests.harness.spool_checks import wait_spool_accounted
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +77,7 @@ def assert_exactly_once(found: dict[str, set[str]], request_ids: list[str]) -> N
 
 
 def usage_component(sidecar: SidecarProc) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"{sidecar.ops_url}/readyz", timeout=2) as response:
-            body = json.load(response)
-    except urllib.error.HTTPError as error:
-        body = json.load(error)
-    component: dict[str, Any] = body["components"]["usage"]
+    component: dict[str, Any] = sidecar.readyz()[1]["components"]["usage"]
     return component
 
 
@@ -119,7 +114,7 @@ def test_records_made_while_kafka_is_down_at_start_arrive_when_it_starts(
         wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 20, what="spool settled")
         assert metric(sidecar, "api_router_buffer_store_retries_total") >= len(request_ids)
         assert usage_component(sidecar)["kafka"] == "up"
-        wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+        assert_invariants(sidecar, spool_dir=tmp_path / "spool")
     finally:
         broker.stop()
 
@@ -146,7 +141,7 @@ def test_kafka_frozen_under_steady_load_loses_nothing_and_fails_no_caller(
     answered = load.all_answered()
     assert_exactly_once(records_by_request(fresh_tansu.bootstrap, topic, answered), answered)
     wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
-    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+    assert_invariants(sidecar, spool_dir=tmp_path / "spool")
 
 
 def test_readiness_says_kafka_is_down_while_the_broker_is_frozen(
@@ -177,7 +172,7 @@ def test_readiness_says_kafka_is_down_while_the_broker_is_frozen(
     answered = load.all_answered()
     assert_exactly_once(records_by_request(fresh_tansu.bootstrap, topic, answered), answered)
     wait_until(lambda: usage_component(sidecar)["status"] == "ok", 30, what="usage ok again")
-    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+    assert_invariants(sidecar, spool_dir=tmp_path / "spool")
 
 
 def test_kafka_killed_and_restarted_empty_gets_every_unacknowledged_record(
@@ -206,7 +201,7 @@ def test_kafka_killed_and_restarted_empty_gets_every_unacknowledged_record(
     assert rebuilds >= 1
     assert any(line.get("msg") == "kafka producer replaced" for line in sidecar.log_json())
     wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
-    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+    assert_invariants(sidecar, spool_dir=tmp_path / "spool")
 
 
 def test_strict_durability_keeps_every_answered_record_through_kill_9(
@@ -234,7 +229,7 @@ def test_strict_durability_keeps_every_answered_record_through_kill_9(
     assert_exactly_once(found, answered)
     assert metric(restarted, "api_router_buffer_store_retries_total") > 0  # they came from the spool
     wait_until(lambda: usage_component(restarted)["spool"]["records"] == 0, 30, what="spool settled")
-    wait_spool_accounted(tmp_path / "spool", restarted.ops_url)
+    assert_invariants(restarted, spool_dir=tmp_path / "spool")
 
 
 def test_a_torn_spool_tail_is_truncated_at_start_and_reported(
@@ -270,7 +265,7 @@ def test_a_torn_spool_tail_is_truncated_at_start_and_reported(
         assert_exactly_once(found, request_ids[:-1])
         assert request_ids[-1] not in found  # the torn record: cut before it was whole on disk
         wait_until(lambda: usage_component(second)["spool"]["records"] == 0, 30, what="spool settled")
-        wait_spool_accounted(spool, second.ops_url)
+        assert_invariants(second, spool_dir=spool)
     finally:
         broker.stop()
 
@@ -310,4 +305,4 @@ def test_kafka_killed_without_warning_under_load_gets_every_later_record(
     causes = {c: metric(sidecar, "api_router_usage_producer_rebuilds_total", cause=c) for c in ("stuck", "fatal")}
     assert sum(causes.values()) >= 1, causes
     wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
-    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+    assert_invariants(sidecar, spool_dir=tmp_path / "spool")

@@ -215,10 +215,15 @@ def test_callers_who_leave_or_run_out_of_time_are_not_counted_as_server_errors(e
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for request_id in ids:
         assert endings.record(request_id)["status"] == "CANCELLED"
-    assert endings.record(late)["status"] == "DEADLINE_EXCEEDED"
-    wait_until(lambda: endings.handled("Infer", "CANCELLED") == before["CANCELLED"] + 5, 10,
-               what="five cancellations counted as CANCELLED")
-    assert endings.handled("Infer", "DEADLINE_EXCEEDED") == before["DEADLINE_EXCEEDED"] + 1
+    # the caller's client gives up at its deadline and cancels, usually a little before the
+    # sidecar's copy of that deadline passes (it was sent relative, and arrived later): either
+    # name is right, UNKNOWN never is
+    late_status = endings.record(late)["status"]
+    assert late_status in {"DEADLINE_EXCEEDED", "CANCELLED"}
+    wait_until(lambda: endings.handled("Infer", "CANCELLED") + endings.handled("Infer", "DEADLINE_EXCEEDED")
+               == before["CANCELLED"] + before["DEADLINE_EXCEEDED"] + 6, 10,
+               what="six callers who left counted as CANCELLED or DEADLINE_EXCEEDED")
+    assert endings.handled("Infer", late_status) >= before[late_status] + 1
     assert endings.handled("Infer", "UNKNOWN") == before["UNKNOWN"]
     endings.check_invariants()
 

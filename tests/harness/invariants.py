@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,17 +31,10 @@ INFER = "/inference.v1.Inference/Infer"
 _USED = re.compile(r": (\d+) used, ")
 
 
-def readyz(sidecar: SidecarProc) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"{sidecar.ops_url}/readyz", timeout=5) as response:
-            body: dict[str, Any] = json.loads(response.read())
-    except urllib.error.HTTPError as error:  # 503 while not ready: the body is the same JSON
-        body = json.loads(error.read())
-    return body
 
 
 def in_flight(sidecar: SidecarProc) -> tuple[int, dict[str, dict[str, int]]]:
-    components = readyz(sidecar)["components"]
+    components = sidecar.readyz()[1]["components"]
     return components["calls"]["in_flight"], components["backends"]["in_flight"]
 
 

@@ -5,8 +5,11 @@ start them; tests talk to them over real loopback gRPC.
 """
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,18 @@ class SidecarProc:
 
     def log_json(self) -> list[dict[str, Any]]:
         return self.proc.log_lines_json()
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """`GET /readyz`: (HTTP status, JSON body); the body is the same whether ready or not."""
+        return readyz(self.ops_url)
+
+
+def readyz(ops_url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{ops_url}/readyz", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
 
 
 def sidecar_config(models: str, **top: Any) -> str:

@@ -9,13 +9,11 @@ deletes settled segments on its next batch), so tests call `wait_spool_accounted
 """
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.harness.procs import wait_until
+from tests.harness.sidecar import readyz
 
 SEGMENT_SUFFIX = ".seg"
 
@@ -38,12 +36,7 @@ def assert_spool_accounted(spool_dir: Path, usage_component: dict[str, Any]) -> 
 
 def usage_component(ops_url: str) -> dict[str, Any]:
     """`components.usage` of `/readyz` (whether the sidecar is ready or not)."""
-    try:
-        with urllib.request.urlopen(f"{ops_url}/readyz", timeout=5) as response:
-            body = json.load(response)
-    except urllib.error.HTTPError as error:
-        body = json.load(error)
-    component: dict[str, Any] = body["components"]["usage"]
+    component: dict[str, Any] = readyz(ops_url)[1]["components"]["usage"]
     return component
 
 

@@ -15,12 +15,12 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import grpc
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
 from tests.conftest import Launcher
+from tests.harness.invariants import assert_idle
 from tests.harness.load import INFER
 from tests.harness.procs import ManagedProcess, wait_until
 from tests.harness.sidecar import SIDECAR, BackendProc, SidecarProc, one_model
@@ -39,12 +39,6 @@ usage:
 """
 
 
-def readyz(sidecar: SidecarProc) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{sidecar.ops_url}/readyz", timeout=5) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def dropped(sidecar: SidecarProc) -> float:
@@ -108,7 +102,7 @@ def test_a_usage_file_that_becomes_unwritable_holds_its_records_and_degrades_rea
     directory = tmp_path / "usage"
     path = directory / "usage.jsonl"
     sidecar = launch.sidecar(file_config(backend.address, path))
-    status, body = readyz(sidecar)
+    status, body = sidecar.readyz()
     assert status == 200 and body["components"]["usage"]["status"] == "ok"
     first = [f"before-{i}" for i in range(5)]
     call_all(sidecar, first)
@@ -117,11 +111,11 @@ def test_a_usage_file_that_becomes_unwritable_holds_its_records_and_degrades_rea
     aside = block(directory)
     held = [f"held-{i}" for i in range(30)]
     call_all(sidecar, held)  # every call is still served
-    usage = wait_until(lambda: (u := readyz(sidecar)[1]["components"]["usage"])["held"] == 30 and u, 20,
+    usage = wait_until(lambda: (u := sidecar.readyz()[1]["components"]["usage"])["held"] == 30 and u, 20,
                        what="30 records held")
     assert isinstance(usage, dict) and usage["status"] == "degraded", usage
     assert "NotADirectoryError" in usage["write_error"] or "FileExistsError" in usage["write_error"], usage
-    assert readyz(sidecar)[0] == 200  # calls are served: their records wait in memory
+    assert sidecar.readyz()[0] == 200  # calls are served: their records wait in memory
     assert dropped(sidecar) == 0
     assert any(line.get("msg") == "usage file cannot be written; records are held and retried"
                for line in sidecar.log_json())
@@ -129,14 +123,15 @@ def test_a_usage_file_that_becomes_unwritable_holds_its_records_and_degrades_rea
 
     unblock(directory, aside)
     wait_until(lambda: records(path) == first + held, 20, what="the held records written")
-    usage = readyz(sidecar)[1]["components"]["usage"]
+    usage = sidecar.readyz()[1]["components"]["usage"]
     assert (usage["status"], usage["held"], usage["written"]) == ("ok", 0, 35), usage
     assert dropped(sidecar) == 0
+    assert_idle(sidecar)
 
     aside = block(directory)
     lost = [f"lost-{i}" for i in range(3)]
     call_all(sidecar, lost)
-    wait_until(lambda: readyz(sidecar)[1]["components"]["usage"]["held"] == 3, 20, what="3 records held")
+    wait_until(lambda: sidecar.readyz()[1]["components"]["usage"]["held"] == 3, 20, what="3 records held")
     assert sidecar.proc.stop() == 0
     line = next(line for line in sidecar.log_json() if line.get("msg") == "usage records lost: the usage file "
                 "cannot be written")

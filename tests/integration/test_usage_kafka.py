@@ -9,8 +9,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,11 @@ from tests.chaos.test_usage_delivery import (
     usage_config,
 )
 from tests.conftest import Launcher
+from tests.harness.invariants import assert_invariants
 from tests.harness.load import INFER
 from tests.harness.procs import ManagedProcess, free_port, wait_until
 from tests.harness.servers import TANSU_STOP_TIMEOUT, kafka_consume_all, start_tansu
-from tests.harness.sidecar import SIDECAR, BackendProc, SidecarProc, health_status
-from tests.harness.spool_checks import wait_spool_accounted
+from tests.harness.sidecar import SIDECAR, BackendProc, health_status
 
 MAX_SPOOL = 65536
 # A new segment's 16-byte header (magic + first sequence) is counted when the segment is opened,
@@ -52,12 +50,6 @@ def sidecar_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
     return subprocess.run([*SIDECAR, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def readyz(sidecar: SidecarProc) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{sidecar.ops_url}/readyz", timeout=2) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def try_call(infer: grpc.UnaryUnaryMultiCallable[bytes, bytes], request_id: str,
@@ -135,7 +127,7 @@ budgets:
     assert records[served].backend == "a" and records[served].output_tokens > 0
     assert all(not records[r].attempts and not records[r].backend for r in (limited, poor, forbidden))
     wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool settled")
-    wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+    assert_invariants(sidecar, spool_dir=tmp_path / "spool")
 
 
 # --- 2. the dead-letter store and `sidecar dlq` ----------------------------------------------
@@ -221,7 +213,7 @@ def test_records_too_large_for_the_topic_go_to_the_dlq_and_are_replayed_or_resol
     neither = sidecar_cli("dlq", "replay", "--config", raised_yaml)
     assert neither.returncode == 2 and "--all" in neither.stderr
     assert len(kafka_consume_all(kafka_bootstrap, topic, timeout=10, idle=1.0)) == 1
-    wait_spool_accounted(spool, sidecar.ops_url)
+    assert_invariants(sidecar, spool_dir=spool)
 
 
 # --- 3. `sidecar spool status|replay` ----------------------------------------------------------
@@ -298,7 +290,7 @@ def test_a_full_spool_refuses_calls_until_kafka_drains_it(
         assert refused, "the spool never filled up"
         assert 100 < len(served) < 1000, len(served)
 
-        status, body = readyz(sidecar)
+        status, body = sidecar.readyz()
         assert status == 503 and body["status"] == "not_ready"
         assert body["components"]["usage"]["spool"]["status"] == "failing"
         assert body["components"]["usage"]["spool"]["bytes"] >= MAX_SPOOL
@@ -313,7 +305,7 @@ def test_a_full_spool_refuses_calls_until_kafka_drains_it(
         broker, _ = start_tansu(tmp_path / "tansu", port=port)
         try:
             wait_until(lambda: health_status(sidecar.listen) == "SERVING", 60, what="readiness SERVING again")
-            assert readyz(sidecar)[0] == 200
+            assert sidecar.readyz()[0] == 200
             after = [unique(f"after-{i}") for i in range(5)]
             for request_id in after:
                 assert try_call(infer, request_id) is None
@@ -323,7 +315,7 @@ def test_a_full_spool_refuses_calls_until_kafka_drains_it(
             assert not set(found) & set(refused), "a refused call is not billable: it has no record"
             assert set(found) == set(served)
             wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool drained")
-            wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+            assert_invariants(sidecar, spool_dir=tmp_path / "spool")
         finally:
             stop_broker(broker)
 
@@ -350,7 +342,7 @@ def test_drop_oldest_keeps_serving_and_loses_only_the_oldest_records(
     spool = usage_component(sidecar)["spool"]
     largest = max(largest, spool["bytes"])
     assert largest <= MAX_SPOOL + SEGMENT_HEADER_BYTES, largest
-    assert spool["status"] == "ok" and readyz(sidecar)[0] == 200
+    assert spool["status"] == "ok" and sidecar.readyz()[0] == 200
     dropped = int(metric(sidecar, "api_router_usage_records_dropped_total", reason="spool_full"))
     assert 0 < dropped < len(request_ids)
     assert spool["records"] == len(request_ids) - dropped
@@ -367,7 +359,7 @@ def test_drop_oldest_keeps_serving_and_loses_only_the_oldest_records(
         assert len(found) == len(request_ids) - int(
             metric(sidecar, "api_router_usage_records_dropped_total", reason="spool_full"))
         wait_until(lambda: usage_component(sidecar)["spool"]["records"] == 0, 30, what="spool drained")
-        wait_spool_accounted(tmp_path / "spool", sidecar.ops_url)
+        assert_invariants(sidecar, spool_dir=tmp_path / "spool")
     finally:
         stop_broker(broker)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.call import begin_call
-from sidecar.telemetry.tracing import parse_traceparent, sampled_by_ratio, traceparent
+from sidecar.telemetry.trace_context import parse_traceparent, sampled_by_ratio, traceparent
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
