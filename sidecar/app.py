@@ -143,6 +143,7 @@ class Sidecar:
         return grpc.aio.server(options=options, interceptors=interceptors)
 
     async def start(self) -> None:
+        await self.limit_store.start()  # Redis's clock, for budget windows
         await self.usage.start()  # replays what an earlier run left in the spool
         handlers = InferenceHandlers(self.pipeline, self.in_flight, self.router, self.tracer.sampling)
         self._server.add_registered_method_handlers(SERVICE, handlers.method_handlers())

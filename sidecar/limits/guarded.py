@@ -49,6 +49,9 @@ class GuardedStore:
         self._last_error = ""
         primary.on_failure = self._settle_failed  # settlements are flushed in the background
 
+    async def start(self) -> None:
+        await self._primary.start()
+
     async def admit(self, ask: Ask) -> Verdict:
         if not self._breaker.open:
             try:

@@ -30,6 +30,9 @@ class MemoryLimitStore:
         self._tats: dict[str, float] = {}
         self._consumed: dict[str, tuple[int, float]] = {}  # budget key -> (consumed, window end)
 
+    async def start(self) -> None:
+        return None
+
     async def admit(self, ask: Ask) -> Verdict:
         return self.admit_now(ask)
 

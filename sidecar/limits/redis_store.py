@@ -10,7 +10,7 @@ Cluster slot. Rate keys expire once their bucket is full again; budget keys at t
 window plus a day.
 
 Time is Redis's own (`TIME`): rates are decided on it, and `wall()`, by which `Limits` picks a
-budget's day and month, is this host's clock corrected by Redis's (one TIME at start, then the
+budget's day and month, is this host's clock corrected by Redis's (one TIME at `start`, then the
 time every decision's reply carries). So sidecars with skewed clocks share one timeline, and
 charge the same window at the same moment.
 
@@ -44,7 +44,6 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -116,7 +115,7 @@ class RedisLimitStore:
         self._redis = aioredis.Redis(connection_pool=pool)
         self._timeout = timeout
         self._wall = wall
-        self._offset = _clock_offset(url, timeout, wall)  # Redis's clock minus ours
+        self._offset = 0.0  # Redis's clock minus ours: from `start`, then from every decision's reply
         self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
         self._sending = False
         parsed = urlsplit(url)
@@ -140,6 +139,16 @@ class RedisLimitStore:
 
     def wall(self) -> float:
         return self._wall() + self._offset
+
+    async def start(self) -> None:
+        """Learns Redis's clock (one TIME) before the first decision needs it for a budget window."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                sent = self._wall()
+                seconds, micros = await self._redis.time()
+                self._offset = seconds + micros / 1e6 - (sent + self._wall()) / 2
+        except (RedisError, OSError, TimeoutError):
+            log.warning("limit store: Redis's clock is unknown until its first decision", extra={"store": repr(self)})
 
     async def admit(self, ask: Ask) -> Verdict:
         marker = f"sidecar:res:{{{ask.org}}}:{self._id}:{next(self._markers):x}"
@@ -395,20 +404,6 @@ class RedisLimitStore:
 
 _MARKER_MS = int(RESERVATION_MARKER_SECONDS * 1000)
 _APPLIED_SET_MS = int(APPLIED_SET_SECONDS * 1000)
-
-
-def _clock_offset(url: str, timeout: float, wall: Callable[[], float]) -> float:
-    """Redis's clock minus this host's, from one TIME, before the first decision needs it (0 when
-    Redis does not answer: then the first decision's reply tells)."""
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    try:
-        sent = wall()
-        seconds, micros = client.time()
-        return seconds + micros / 1e6 - (sent + wall()) / 2
-    except (RedisError, OSError):
-        return 0.0
-    finally:
-        client.close()
 
 
 def _log_failure(exc: StoreUnavailable) -> None:

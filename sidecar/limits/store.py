@@ -53,6 +53,10 @@ class Verdict:
 class LimitStore(Protocol):
     name: str
 
+    async def start(self) -> None:
+        """Before the first call: learns what deciding needs (the Redis store: Redis's clock).
+        Never fails: a store that does not answer learns it from its first decision instead."""
+
     async def admit(self, ask: Ask) -> Verdict:
         """Decides every rate and budget of `ask`; an admitted ask is charged, a denied one is not."""
 

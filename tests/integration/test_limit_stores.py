@@ -874,6 +874,7 @@ async def test_budget_windows_follow_redis_time_not_the_sidecars_clock(
     other sidecar of the fleet does at that moment."""
     skew = 86_400.0
     store = RedisLimitStore(valkey.url, timeout=TIMEOUT, wall=lambda: time.time() + skew)
+    await store.start()
     limits = Limits(lambda: DAY_BUDGET, store)
     try:
         for _ in range(3):  # a call exactly at midnight UTC would straddle two days: then again
