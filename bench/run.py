@@ -262,7 +262,8 @@ async def one_load_run(args: argparse.Namespace, address: str, body_file: Path, 
     if h2load_path() and not args.python_load:
         return await run_h2load(address, body_file, requests, args.connections, args.streams, timeout,
                           prefix=["taskset", "-c", args.cpus[0]] if args.cpus else [])
-    return await run_pyload(address, body_file.read_bytes()[5:].hex(), requests, processes=2,
+    body = await asyncio.to_thread(body_file.read_bytes)
+    return await run_pyload(address, body[5:].hex(), requests, processes=2,
                       concurrency=args.connections * args.streams // 2, timeout=timeout)
 
 
@@ -365,13 +366,13 @@ def ratios(results: dict[str, Any], concurrency: list[int],
             ref, side = added(lat, reference, c)[i], added(lat, "sidecar", c)[i]
             out[f"added_{q}_c{c}"] = {"ratio": _ratio(side, ref)}
         rounds = zip(lat["direct"][c]["round_p50_us"], lat[reference][c]["round_p50_us"],
-                     lat["sidecar"][c]["round_p50_us"])
+                     lat["sidecar"][c]["round_p50_us"], strict=True)
         out[f"added_p50_c{c}"]["per_round"] = [_ratio(s - d, r - d) for d, r, s in rounds]
     ref_runs, side_runs = thr[reference]["runs"], thr["sidecar"]["runs"]
     out["cpu_per_req"] = {
         "ratio": _ratio(thr["sidecar"]["cpu_us_per_req"], thr[reference]["cpu_us_per_req"]),
         "per_round": [_ratio(s["cpu_s"] / s["requests"], r["cpu_s"] / r["requests"])
-                      for r, s in zip(ref_runs, side_runs)]}
+                      for r, s in zip(ref_runs, side_runs, strict=True)]}
     return out
 
 
@@ -406,7 +407,7 @@ def render_table(results: dict[str, Any], concurrency: list[int]) -> str:
         row += [f"{t['rps']:.0f}", f"{t['cpu_us_per_req']:.0f}", f"{t['ok_share']:.0%}"]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     if "stream" in results:

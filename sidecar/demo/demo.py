@@ -92,7 +92,7 @@ def run_demo(listen: str, admin_listen: str, ops_listen: str) -> int:
     addresses = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     backends = [_start_backend(a) for a in addresses]
     try:
-        for address, proc in zip(addresses, backends):
+        for address, proc in zip(addresses, backends, strict=True):
             _wait_listening(address, proc)
         try:
             config = demo_config(listen, admin_listen, ops_listen, *addresses)
@@ -103,8 +103,9 @@ def run_demo(listen: str, admin_listen: str, ops_listen: str) -> int:
         async def serve() -> None:
             sidecar = Sidecar(config, "demo")  # grpc.aio objects belong to the running loop
             started = asyncio.create_task(sidecar.run_until_signalled(), name="sidecar")
-            while not sidecar.health.started and not started.done():
-                await asyncio.sleep(0.02)
+            ready = asyncio.create_task(sidecar.health.wait_started(), name="sidecar-ready")
+            await asyncio.wait((started, ready), return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
             if not started.done():
                 _print_banner(sidecar, addresses)
             await started

@@ -7,6 +7,7 @@ itself, so it is SERVING for as long as the loop turns.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ class Health:
         # more conditions readiness needs (e.g. the usage spool can take records)
         self.ready_checks: list[Callable[[], bool]] = []
         self._published: int | None = None
+        self._started = asyncio.Event()
 
     def servicer(self) -> HealthServicer:
         """A servicer for one gRPC server; every servicer follows the same state."""
@@ -65,7 +67,12 @@ class Health:
 
     async def mark_started(self) -> None:
         self.started = True
+        self._started.set()
         await self.publish()
+
+    async def wait_started(self) -> None:
+        """Returns once the servers accept and readiness was published (for `sidecar demo`)."""
+        await self._started.wait()
 
     async def mark_draining(self) -> None:
         self.draining = True

@@ -6,6 +6,7 @@ from the sidecar's config file, prints for humans (or `--json`), and returns an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from datetime import UTC, datetime
@@ -92,9 +93,8 @@ async def _replay(config: Config, directory: Path, timeout: float) -> int:
     print(f"replaying {total} records from {directory} to {usage.kafka.topic} at {usage.kafka.bootstrap_servers}")
     sink = KafkaSink(usage, spool, DeadLetters(directory / "dlq"))
     await sink.start()
-    deadline = time.monotonic() + timeout
-    while spool.unsettled() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(spool.wait_settled(), timeout)
     left = spool.unsettled()
     await sink.aclose()
     if left:

@@ -71,6 +71,7 @@ class SpoolRecords:
         self._checkpoint: asyncio.Future[None] | None = None
         self._closing = False
         self._was_full = False
+        self._all_settled: list[asyncio.Future[None]] = []  # `wait_settled` callers
 
     # --- the record path -------------------------------------------------------------------
 
@@ -142,6 +143,19 @@ class SpoolRecords:
         segment.done += 1
         if segment.done == segment.count and segment is not self.table.last:
             self._retire(segment)
+        if self._all_settled and not self.table.unsettled():
+            for waiter in self._all_settled:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._all_settled.clear()
+
+    async def wait_settled(self) -> None:
+        """Returns once every record in the spool is settled (`sidecar spool replay` waits so)."""
+        if not self.table.unsettled():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._all_settled.append(waiter)
+        await waiter
 
     def set_waiting(self, seq: int) -> None:
         """Kafka did not take the record (yet): it is replayed from disk."""
