@@ -18,6 +18,7 @@ from sidecar_client import error_detail
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
 INFER = "/inference.v1.Inference/Infer"
+INFER_STREAM = "/inference.v1.Inference/InferStream"
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Load:
     target: str
     metadata: tuple[tuple[str, str], ...] = ()
     pause: float = 0.0             # seconds between calls
+    stream: bool = False           # InferStream (every chunk read) instead of Infer
+    request: bytes = InferRequest(model="chat", input="hi").SerializeToString()
     phase: str = "before"
     outcomes: dict[str, Counter[str]] = field(default_factory=dict)
     answered: dict[str, list[str]] = field(default_factory=dict)
@@ -48,14 +51,19 @@ class Load:
         return sum(self.outcomes.values(), Counter[str]())
 
     def _run(self) -> None:
-        request = InferRequest(model="chat", input="hi").SerializeToString()
+        request = self.request
         with grpc.insecure_channel(self.target) as channel:
-            infer = channel.unary_unary(INFER)
+            unary, stream = channel.unary_unary(INFER), channel.unary_stream(INFER_STREAM)
             while not self.stop.is_set():
                 phase = self.phase
                 request_id = f"load-{uuid.uuid4().hex}"
+                metadata = (*self.metadata, ("x-request-id", request_id))
                 try:
-                    infer(request, metadata=(*self.metadata, ("x-request-id", request_id)), timeout=5)
+                    if self.stream:
+                        for _ in stream(request, metadata=metadata, timeout=5):
+                            pass
+                    else:
+                        unary(request, metadata=metadata, timeout=5)
                     outcome = "OK"
                     self.answered.setdefault(phase, []).append(request_id)
                 except grpc.RpcError as error:
