@@ -285,6 +285,37 @@ def test_spool_status_runs_beside_a_running_sidecar(launch: Launcher, backend: B
     assert replay.returncode == 1 and "replays it by itself" in replay.stdout
 
 
+def test_spool_replay_sends_what_a_stopped_sidecar_left_and_waits_until_it_is_settled(
+        launch: Launcher, backend: BackendProc, tmp_path: Path) -> None:
+    """`sidecar spool replay`: a sidecar stopped while Kafka was down left its records in the
+    spool; the command sends them and returns once every one is acknowledged (exit 0)."""
+    port = free_port()
+    topic = "usage-replayed"
+    spool = tmp_path / "spool"
+    config = usage_config(backend.address, f"127.0.0.1:{port}", spool, topic)
+    sidecar = launch.sidecar(config)
+    request_ids = [f"replayed-{i}" for i in range(10)]
+    for request_id in request_ids:
+        call(sidecar, request_id)
+    wait_until(lambda: usage_component(sidecar)["queued"] == 0, 5, what="every record spooled")
+    assert sidecar.proc.stop(timeout=30) == 0  # Kafka never came: the records stay in the spool
+    config_path = tmp_path / "replay.yaml"
+    config_path.write_text(config)
+    broker, _ = start_tansu(tmp_path, port=port)
+    try:
+        replay = subprocess.run([*SIDECAR, "spool", "replay", "--config", str(config_path)],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert replay.returncode == 0, replay.stdout + replay.stderr
+        assert "replaying 10 records" in replay.stdout
+        found = records_by_request(f"127.0.0.1:{port}", topic, request_ids)
+        assert_exactly_once(found, request_ids)
+        status = subprocess.run([*SIDECAR, "spool", "status", "--config", str(config_path)],
+                                capture_output=True, text=True, timeout=30, check=True)
+        assert "not yet acknowledged: 0" in status.stdout, status.stdout
+    finally:
+        broker.stop()
+
+
 def test_kafka_killed_without_warning_under_load_gets_every_later_record(
         launch: Launcher, backend: BackendProc, fresh_tansu: TansuBroker, tmp_path: Path) -> None:
     """A plain kill -9 of the broker: what it acknowledged is gone with it; what it had not
