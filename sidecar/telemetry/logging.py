@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,74 @@ def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+REPEAT_LOG_SECONDS = 60.0  # a repeated line of one kind: at most one summary per this many seconds
+
+
+class LogThrottle:
+    """Thins out a log line that repeats: the first occurrence of a kind logs in full; the
+    repeats are counted and, at most once per `interval`, one line with that count (`repeats`:
+    occurrences since the last line of that kind, this one included; `repeats_seconds`: over how
+    long) goes out in their place.
+
+    For faults that repeat every few milliseconds (a Kafka client that cannot authenticate
+    retries every 50 ms, a scanner sending bad requests to the ops port): unthrottled, one fault
+    fills the log and hides everything else. The summary comes with the next occurrence once the
+    interval has passed; `settle()` (the fault is gone) hands back the repeats not yet reported
+    and forgets every kind, so the same fault coming back logs in full again.
+
+    Thread-safe: librdkafka's log callback may run on whichever thread serves the client's queue.
+    At most `max_kinds` kinds are remembered (the oldest is forgotten first), so kinds built from
+    outside input cannot grow it without bound.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = REPEAT_LOG_SECONDS, *, max_kinds: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._max_kinds = max_kinds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._kinds: dict[str, _Repeats] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args: object, extra: dict[str, Any] | None = None,
+            exc_info: BaseException | None = None) -> bool:
+        """Logs `msg % args` unless a line of this `kind` went out less than `interval` ago
+        (then only counts it); True when a line was written."""
+        now = self._clock()
+        with self._lock:
+            state = self._kinds.get(kind)
+            if state is None:
+                if len(self._kinds) >= self._max_kinds:
+                    del self._kinds[next(iter(self._kinds))]
+                self._kinds[kind] = _Repeats(now)
+                fields = extra
+            else:
+                state.count += 1
+                if now - state.logged_at < self.interval:
+                    return False
+                fields = {**(extra or {}), "repeats": state.count, "repeats_seconds": round(now - state.logged_at, 1)}
+                state.logged_at, state.count = now, 0
+        self.logger.log(level, msg, *args, extra=fields, exc_info=exc_info)
+        return True
+
+    def settle(self) -> int:
+        """The fault is over: returns how many repeats were never reported and forgets every kind."""
+        with self._lock:
+            unreported = sum(state.count for state in self._kinds.values())
+            self._kinds.clear()
+        return unreported
+
+
+class _Repeats:
+    """One kind of a `LogThrottle`: when its last line went out, the repeats since."""
+
+    __slots__ = ("count", "logged_at")
+
+    def __init__(self, logged_at: float) -> None:
+        self.logged_at = logged_at
+        self.count = 0
 
 
 class AccessLog:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from functools import partial
@@ -41,6 +42,7 @@ from sidecar_client.sidecar.usage.v1 import usage_pb2
 
 from sidecar.config import UsageConfig, UsageKafkaConfig
 from sidecar.tasks import Tasks
+from sidecar.telemetry.logging import REPEAT_LOG_SECONDS, LogThrottle
 from sidecar.telemetry.metrics import (
     BUFFER_STORE_AGE,
     BUFFER_STORE_BYTES,
@@ -77,6 +79,35 @@ PERMANENT = {getattr(KafkaError, name): reason for name, reason in (
 ) if hasattr(KafkaError, name)}
 
 
+class ClientLog:
+    """librdkafka's own log lines (confluent-kafka calls `log(level, "%s [%s] %s", facility,
+    client, text)` on the thread that polls), with repeats thinned out by a `LogThrottle`.
+
+    librdkafka retries a failing broker every 50-500 ms and logs the same error each time (a
+    SASL mismatch, a refused connection): one line per retry would bury everything else. A kind
+    is the line with its digits blanked (addresses, "after 0ms", producer numbers) and without
+    librdkafka's own "N identical error(s) suppressed", so the first line is logged in full and
+    its repeats come at most once per `interval` with their count.
+    """
+
+    _VARYING = re.compile(r", \d+ identical error\(s\) suppressed|\d+")
+
+    def __init__(self, logger: logging.Logger, interval: float = REPEAT_LOG_SECONDS) -> None:
+        self.throttle = LogThrottle(logger, interval)
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        text = msg % args if args else msg
+        self.throttle.log(level, self._VARYING.sub("#", text), "%s", text)
+
+    def settle(self) -> int:
+        """Kafka is reachable again: the repeats never reported; the next error logs in full."""
+        return self.throttle.settle()
+
+
+CLIENT_LOG = ClientLog(logging.getLogger("sidecar.usage.librdkafka"))
+_ERROR_LOG = LogThrottle(log)   # the producers' error_cb reports, thinned out the same way
+
+
 def producer_config(kafka: UsageKafkaConfig) -> dict[str, Any]:
     """librdkafka settings for the delivery guarantee; `properties` add security and the like."""
     return {
@@ -91,7 +122,7 @@ def producer_config(kafka: UsageKafkaConfig) -> dict[str, Any]:
         "message.max.bytes": max(1000, kafka.max_message_bytes + 512),
         "statistics.interval.ms": STATS_INTERVAL_MS,
         "log_level": 4,
-        "logger": logging.getLogger("sidecar.usage.librdkafka"),
+        "logger": CLIENT_LOG,
     }
 
 
@@ -312,7 +343,7 @@ class KafkaSink:
             self._broker_up = False
             self._update_up()
         else:
-            log.debug("kafka producer error", extra={"error": error.str()})
+            _ERROR_LOG.log(logging.DEBUG, error.name(), "kafka producer error", extra={"error": error.str()})
 
     def _on_stats(self, generation: int, text: str) -> None:
         if generation != self._generation:
@@ -350,7 +381,9 @@ class KafkaSink:
         self.kafka_up = up
         KAFKA_UP.set(1 if up else 0)
         if up:
-            log.info("kafka reachable", extra={"bootstrap_servers": self._kafka.bootstrap_servers})
+            _ERROR_LOG.settle()   # the same errors as librdkafka's lines: counted there
+            log.info("kafka reachable", extra={"bootstrap_servers": self._kafka.bootstrap_servers,
+                                               "client_errors_not_logged": CLIENT_LOG.settle()})
             self._down_logged = False
             if self.spool.waiting():
                 self._replay_soon()
