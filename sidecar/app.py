@@ -8,11 +8,12 @@ budgets finish -> usage records: Kafka gets a few seconds for what it has not ac
 -> the limit store, ops listener and backend channels close.
 
 Config reload (SIGHUP, or a change of the file `sidecar run --config` names, polled every
-second): the new file is validated, and keys that need a restart are refused, before anything
-changes; a valid config is swapped in one synchronous step (calls already admitted finish under
-the old one), channels and health checks follow its backends, and removed backends' channels
-drain. An invalid one is logged (`config reload rejected`, one key path per problem) and the
-old config keeps serving. Counted in `api_router_config_reloads_total{result}`.
+second): the new file is read and validated in a worker thread (calls go on meanwhile), and keys
+that need a restart are refused, before anything changes; a valid config is swapped in one
+synchronous step on the event loop (calls already admitted finish under the old one), channels
+and health checks follow its backends, and removed backends' channels drain. An invalid one is
+logged (`config reload rejected`, one key path per problem) and the old config keeps serving.
+Counted in `api_router_config_reloads_total{result}`.
 """
 from __future__ import annotations
 
@@ -85,6 +86,9 @@ class Sidecar:
         self.config = config
         self.config_path = config_path  # what reloads read; None: no reloads (e.g. `sidecar demo`)
         self._rejected_version: str | None = None  # the file's last rejected content
+        self._reload_turn = asyncio.Lock()                # reloads run one at a time
+        self._queued: asyncio.Task[str] | None = None     # a reload waiting for its turn,
+        self._queued_trigger = "signal"                   # and its trigger
         # series that only count rare events exist at 0 from the start, so that increase() sees
         # their first event
         for result in CONFIG_RELOAD_RESULTS:
@@ -217,45 +221,66 @@ class Sidecar:
             loop.remove_signal_handler(sig)
         await self.stop()
 
-    def reload(self, trigger: str = "signal") -> str:
+    def reload(self, trigger: str = "signal") -> asyncio.Task[str] | None:
         """Reads the config file again and applies it when it is valid (SIGHUP: `signal`; a
-        change of the file: `file`). Synchronous on the event loop, so reloads run one at a time
-        and no call sees half of one. Returns the result it counted, or `ignored`."""
+        change of the file: `file`). Returns at once: the reading, parsing and validating run in
+        a worker thread, so a big or hostile file never stalls calls, and only the swap runs on
+        the event loop, in one synchronous step, so no call sees half of one. Reloads run one at
+        a time; triggers while one runs make one more reload (SIGHUP's trigger wins), which reads
+        the file as it is then. Returns that reload's task (its result: what it counted, or
+        `ignored`), or None when ignored at once."""
         if self.config_path is None or not self.health.started or self._stopped.is_set():
             log.warning("config reload ignored", extra={"trigger": trigger, "reason": "no config file"
                         if self.config_path is None else "starting or stopping"})
-            return "ignored"
-        try:
-            result = self._reload(self.config_path, trigger)
-        except Exception:  # a bug must not take the reload triggers down with it
-            log.exception("config reload failed", extra={"trigger": trigger})
-            result = "failure"
+            return None
+        if self._queued is not None:  # a reload waits for its turn: it will read the file anew
+            self._queued_trigger = "signal" if "signal" in (trigger, self._queued_trigger) else trigger
+            return self._queued
+        self._queued_trigger = trigger
+        self._queued = self.tasks.spawn(self._reload_in_turn(self.config_path), name="config-reload")
+        return self._queued
+
+    async def _reload_in_turn(self, path: str | Path) -> str:
+        async with self._reload_turn:
+            trigger, self._queued = self._queued_trigger, None
+            try:
+                result = await self._reload(path, trigger)
+            except Exception:  # a bug must not take the reload triggers down with it
+                log.exception("config reload failed", extra={"trigger": trigger})
+                result = "failure"
         if result in CONFIG_RELOAD_RESULTS:
             CONFIG_RELOADS.labels(result).inc()
         return result
 
-    def _reload(self, path: str | Path, trigger: str) -> str:
+    async def _reload(self, path: str | Path, trigger: str) -> str:
         """The same content as the running config is `unchanged`; the file trigger leaves it
         uncounted (it also fires when only the file's stamp moved, e.g. a ConfigMap update of
         another key) and skips the content it rejected last, which was logged then; SIGHUP always
-        validates again."""
-        running = self.health.config_version
-        version: str | None = None
+        validates again. A reload that finishes validating while the sidecar stops is dropped."""
+        running, rejected = self.health.config_version, self._rejected_version
+        version: str | None = None  # the file's, once read
+
+        def read() -> tuple[str, str]:
+            text = read_config_text(path)  # at most 1 MiB, UTF-8 (config_yaml.py)
+            return text, config_version(text)
+
         try:
-            text = read_config_text(path)
-            version = config_version(text)
-            if version == running or (trigger == "file" and version == self._rejected_version):
+            text, new_version = await asyncio.to_thread(read)
+            version = new_version
+            if version == running or (trigger == "file" and version == rejected):
                 if trigger == "file":
                     return "ignored"
                 log.info("config unchanged", extra={"trigger": trigger, "config_version": running})
                 return "unchanged"
-            config = check_reload(self.config, text)
+            config = await asyncio.to_thread(check_reload, self.config, text)
         except ConfigError as exc:
             self._rejected_version = version
             log.error("config reload rejected", extra={"trigger": trigger, "path": str(path),
                                                        "problems": exc.problems, "config_version": running})
             return "failure"
-        self._apply_config(config, version, trigger)
+        if self._stopped.is_set():
+            return "ignored"
+        self._apply_config(config, new_version, trigger)
         return "success"
 
     def _apply_config(self, config: Config, version: str, trigger: str) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.message import DecodeError
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
-from sidecar.errors import invalid_request, missing_field
+from sidecar.errors import SidecarError, invalid_request, longer_than, missing_field, too_long
 from sidecar.telemetry.trace_context import (
     Span,
     new_span_id,
@@ -38,7 +38,16 @@ if TYPE_CHECKING:
 # and everything else stay behind: a backend sees the request, its id and its trace context
 # (`traceparent` is the sidecar's: see `begin_call`).
 FORWARDED_METADATA = frozenset({"tracestate"})
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces, bounded
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(rf"^[\x21-\x7e]{{1,{MAX_REQUEST_ID_CHARS}}}$")  # printable ASCII, no spaces
+
+# Bounds on what a caller sends that the sidecar keeps, logs, forwards or echoes (docs/configuration.md,
+# "What a caller may send"). Past them a call is refused INVALID_ARGUMENT / INVALID_REQUEST naming
+# the field: a 4 MB model name once went into every error, log line, usage and audit record.
+MAX_MODEL_BYTES = 256
+MAX_SESSION_ID_BYTES = 256
+MAX_TRACEPARENT_CHARS = 256   # W3C version 00 is 55; later versions may only append
+MAX_TRACESTATE_CHARS = 512    # all `tracestate` headers together, as W3C asks vendors to carry
 
 
 def new_request_id() -> str:
@@ -95,15 +104,28 @@ class Call:
     parent_span_id: str = ""         # the caller's span, from its traceparent
     spans: list[Span] | None = None  # finished child spans; None when the call is not sampled
     billed: Billed | None = None     # what the call is charged, decided once it ended (billing.bill)
+    refusal: SidecarError | None = None  # metadata past its bound, found by begin_call; parse() raises it
 
     def parse(self) -> None:
-        """Parses the request once; raises INVALID_REQUEST / MISSING_FIELD."""
+        """Parses the request once; raises INVALID_REQUEST / MISSING_FIELD.
+
+        Runs before authentication, so a refused request is nobody's: it gets no usage or audit
+        record, and `request` stays empty, so that no finisher (access log, span) sees the
+        over-long string either. The bounds cost a len() or two (`errors.longer_than`)."""
+        if self.refusal is not None:
+            refusal, self.refusal = self.refusal, None  # raised once; the call does not keep it
+            raise refusal
         try:
-            self.request = InferRequest.FromString(self.raw_request)
+            request = InferRequest.FromString(self.raw_request)
         except DecodeError:
             raise invalid_request("the request is not a valid inference.v1.InferRequest") from None
-        if not self.request.model:
+        if not request.model:
             raise missing_field("model")
+        if longer_than(request.model, MAX_MODEL_BYTES):
+            raise too_long("model", MAX_MODEL_BYTES)
+        if request.session_id and longer_than(request.session_id, MAX_SESSION_ID_BYTES):
+            raise too_long("session_id", MAX_SESSION_ID_BYTES)
+        self.request = request
 
     @property
     def backend(self) -> Backend:
@@ -151,7 +173,9 @@ def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes],
     came, or, without one, a new trace id (unsampled) so that the backend's logs share it.
     """
     request_id = api_key = parent = None
+    refusal: SidecarError | None = None
     forward: list[tuple[str, str]] = []
+    state_chars = 0
     for key, value in metadata:
         if key == "x-request-id":
             if isinstance(value, str) and _REQUEST_ID.match(value):
@@ -164,9 +188,16 @@ def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes],
                 api_key = value.strip()
         elif key == "traceparent":
             if isinstance(value, str):
-                parent = value
+                if len(value) > MAX_TRACEPARENT_CHARS:
+                    refusal = too_long("traceparent", MAX_TRACEPARENT_CHARS, "characters")
+                else:
+                    parent = value
         elif key in FORWARDED_METADATA and isinstance(value, str):
-            forward.append((key, value))
+            state_chars += len(value) + 1
+            if state_chars > MAX_TRACESTATE_CHARS + 1:  # + 1: the comma that joins two headers
+                refusal = too_long("tracestate", MAX_TRACESTATE_CHARS, "characters")
+            else:
+                forward.append((key, value))
     if request_id is None:
         request_id = new_request_id()
     forward.append(("x-request-id", request_id))
@@ -183,6 +214,7 @@ def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes],
                         else traceparent(trace_id, span_id, False)))
     call = Call(method, raw, _EMPTY_REQUEST, request_id, api_key or None, tuple(forward), time_remaining)
     call.trace_id, call.span_id, call.parent_span_id = trace_id, span_id, parent_span_id
+    call.refusal = refusal
     if sampled:
         call.spans = []
     return call

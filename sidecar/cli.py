@@ -170,22 +170,41 @@ def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sidecar.config import ConfigError, load_config_text
     from sidecar.telemetry.logging import configure_logging
 
     configure_logging()  # JSON until the config says otherwise
+    try:
+        config, text = load_config_text(args.config)
+        _make_spool_dir(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    configure_logging(log_format=config.telemetry.log_format)
+    return _serve(config, text, args.config)
 
-    def serve(config: Any) -> int:
-        configure_logging(log_format=config.telemetry.log_format)
-        return _serve(config, args.config)
 
-    return _with_config(args, serve)
+def _make_spool_dir(config: Any) -> None:
+    """Creates the Kafka spool's directory before anything starts, so that a path check-config
+    could not fault (a race, a read-only mount) still ends in exit 2 naming the key."""
+    from sidecar.config import ConfigError
+
+    if config.usage.sink != "kafka":
+        return
+    try:
+        os.makedirs(config.usage.spool_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError([f"usage.spool_dir: cannot create {config.usage.spool_dir}: {exc.strerror or exc}"]) from None
 
 
-def _serve(config: Any, path: str) -> int:
+def _serve(config: Any, text: str, path: str) -> int:
     from sidecar.app import Sidecar, config_version
+    from sidecar.memory import give_large_blocks_back
 
-    with open(path) as f:
-        version = config_version(f.read())
+    give_large_blocks_back()  # before the first request: large buffers are unmapped when freed
+
+    version = config_version(text)  # of the text validated: the file may have changed since
 
     async def serve() -> None:
         await Sidecar(config, version, config_path=path).run_until_signalled()  # the path: for reloads

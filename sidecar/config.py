@@ -1,22 +1,24 @@
 """Config: load YAML, substitute `${ENV}`, validate once into an immutable tree.
 
-Called at start and on every reload. A config either validates completely or is rejected with
-one `ConfigError` line per problem, each naming its key path
+Called at start and on every reload (in a worker thread, see app.py). A config either validates
+completely or is rejected with one `ConfigError` line per problem, each naming its key path
 (`models.chat.backends[1].weight: must be >= 0`), so an operator can fix it without guessing.
-Unknown keys are errors: a typo must never silently fall back to a default.
+Unknown keys are errors: a typo must never silently fall back to a default. The file's size,
+encoding, nesting, aliases and duplicate keys are checked before anything else (config_yaml.py).
 """
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any, Generic, TypeVar
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from sidecar.config_sections import (
+    MAX_INT32,
     Address,
     AdminTokenConfig,
     ApiKeyConfig,
@@ -33,6 +35,7 @@ from sidecar.config_sections import (
     OrgLimitRule,
     OutlierDetectionConfig,
     OverridesConfig,
+    PathText,
     Price,
     RateRule,
     RetriesConfig,
@@ -42,6 +45,7 @@ from sidecar.config_sections import (
     UsageConfig,
     UsageKafkaConfig,
 )
+from sidecar.config_yaml import MAX_CONFIG_BYTES, ConfigError, key_path, load_yaml, read_config_text
 
 __all__ = [
     "AdminTokenConfig",
@@ -70,7 +74,10 @@ __all__ = [
     "UsageKafkaConfig",
     "key_path",
     "load_config",
+    "load_config_text",
+    "machine_problems",
     "parse_config",
+    "read_config_text",
 ]
 
 S = TypeVar("S")
@@ -78,20 +85,12 @@ T = TypeVar("T")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(Exception):
-    """A config that must not be used. `problems` holds one `key.path: message` line each."""
-
-    def __init__(self, problems: Iterable[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
-
-
 class Config(Section):
     listen: Address = "127.0.0.1:50051"
     admin_listen: Address = "127.0.0.1:50052"
     ops_listen: Address = "127.0.0.1:9464"
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
-    state_dir: str = "./var/state"            # routing overrides survive restarts here
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0, le=MAX_INT32)  # gRPC takes an int32
+    state_dir: PathText = "./var/state"       # routing overrides survive restarts here
     shutdown: ShutdownConfig = ShutdownConfig()
     auth: AuthConfig | None = None            # None: every caller is accepted (see docs)
     limits: LimitsConfig = LimitsConfig()
@@ -138,49 +137,78 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """Reads, substitutes and validates `path`; raises `ConfigError` listing every problem.
     For `check-config` and `run`, files the config names are checked on this machine too (a
     usage file that cannot be written would lose every record)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return load_config_text(path, environ)[0]
+
+
+def load_config_text(path: str | Path, environ: Mapping[str, str] | None = None) -> tuple[Config, str]:
+    """`load_config`, and the text it validated (`run` derives the config version from it)."""
+    text = read_config_text(path)
     config = parse_config(text, environ)
-    problems = _machine_problems(config)
+    problems = machine_problems(config)
     if problems:
         raise ConfigError(problems)
-    return config
+    return config, text
 
 
-def _machine_problems(config: Config) -> list[str]:
-    """Paths the sidecar must be able to write (relative ones from the current directory)."""
-    if config.usage.sink != "file":
-        return []
-    problem = unwritable(Path(config.usage.file.path))
-    return [f"usage.file.path: cannot be written: {problem}"] if problem else []
+def machine_problems(config: Config) -> list[str]:
+    """Paths the sidecar must be able to write (relative ones from the current directory),
+    checked without creating anything."""
+    usage = config.usage
+    if usage.sink == "file":
+        problem = unwritable(Path(usage.file.path))
+        return [f"usage.file.path: cannot be written: {problem}"] if problem else []
+    if usage.sink == "kafka":
+        problem = unusable_dir(Path(usage.spool_dir))
+        return [f"usage.spool_dir: cannot be used: {problem}"] if problem else []
+    return []
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """None when nothing is there (or it cannot be looked at: `_creatable` then says why)."""
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _creatable(path: Path, what: str) -> str:
+    """Why `path`, which does not exist, cannot be created ("" when it can): its nearest
+    existing ancestor must be a directory we may write in."""
+    parent = path.parent
+    while _stat(parent) is None and parent != parent.parent:
+        parent = parent.parent
+    stat = _stat(parent)
+    if stat is None or not S_ISDIR(stat.st_mode):
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {what} in {parent}"
+    return ""
 
 
 def unwritable(path: Path) -> str:
     """Why a file at `path` cannot be created or appended to ("" when it can); creates nothing."""
-    if path.is_dir():
+    stat = _stat(path)
+    if stat is None:
+        return _creatable(path, "files")
+    if S_ISDIR(stat.st_mode):
         return f"{path} is a directory"
-    if path.exists():
-        return "" if os.access(path, os.W_OK) else f"{path} is not writable"
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot create files in {parent}"
-    return ""
+    return "" if os.access(path, os.W_OK) else f"{path} is not writable"
+
+
+def unusable_dir(path: Path) -> str:
+    """Why `path` cannot be (created as) a directory the sidecar writes in ("" when it can)."""
+    stat = _stat(path)
+    if stat is None:
+        return _creatable(path, "directories")
+    if not S_ISDIR(stat.st_mode):
+        return f"{path} is not a directory"
+    return "" if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
 
 
 def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"(root): invalid YAML{where}: {problem}"]) from None
+    """Validates a config's text (at most 1 MiB of YAML, see config_yaml.py); raises
+    `ConfigError` listing every problem. Touches nothing on this machine."""
+    raw = load_yaml(text)
     if not isinstance(raw, dict):
         raise ConfigError(["(root): must be a mapping of keys to values"])
     env = os.environ if environ is None else environ
@@ -251,36 +279,31 @@ def _cross_check(config: Config) -> list[str]:
 
 
 def _substitute(node: Any, path: tuple[str | int, ...], env: Mapping[str, str],
-                problems: list[str]) -> Any:
-    """Replaces `${VAR}` / `${VAR:-default}` in every string scalar, reporting unset variables."""
+                problems: list[str], budget: list[int] | None = None) -> Any:
+    """Replaces `${VAR}` / `${VAR:-default}` in every string scalar, reporting unset variables.
+    What the substitutions add together is bounded like the file (`budget`: bytes left), so a
+    reference repeated many times cannot blow a small file up."""
+    budget = [MAX_CONFIG_BYTES] if budget is None else budget
     if isinstance(node, dict):
-        return {k: _substitute(v, (*path, str(k)), env, problems) for k, v in node.items()}
+        return {k: _substitute(v, (*path, str(k)), env, problems, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [_substitute(v, (*path, i), env, problems) for i, v in enumerate(node)]
+        return [_substitute(v, (*path, i), env, problems, budget) for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
 
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        problems.append(f"{key_path(path)}: environment variable {name} is not set")
-        return ""
+        value = env.get(name, default)
+        if value is None:
+            problems.append(f"{key_path(path)}: environment variable {name} is not set")
+            return ""
+        budget[0] -= len(value)
+        if budget[0] < 0:
+            message = f"environment variables substituted make the config larger than {MAX_CONFIG_BYTES} bytes"
+            raise ConfigError([f"{key_path(path)}: {message}"])
+        return value
 
     return _ENV_REF.sub(replace, node)
-
-
-def key_path(loc: Iterable[str | int]) -> str:
-    """('models', 'chat', 'backends', 1, 'weight') -> 'models.chat.backends[1].weight'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(root)"
 
 
 _MESSAGES = {
@@ -289,6 +312,8 @@ _MESSAGES = {
     "greater_than_equal": "must be >= {ge}",
     "greater_than": "must be > {gt}",
     "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "finite_number": "must be a finite number",
     "too_short": "must have at least {min_length} item(s)",
     "int_type": "must be an integer",
     "int_parsing": "must be an integer",

@@ -1,77 +1,90 @@
-"""The config's sections: one immutable pydantic model per YAML mapping, and the value types
-(addresses, names, digests) they share. `config.py` assembles them into `Config`, loads and
+"""The config's sections: one immutable pydantic model per YAML mapping, built from the value
+types and bounds of config_values.py. `config.py` assembles them into `Config`, loads and
 cross-checks; every other module imports them from there.
 """
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
+from sidecar.config_values import (
+    MAX_AMOUNT,
+    MAX_COUNT,
+    MAX_DISK_BYTES,
+    MAX_INT32,
+    MAX_MS,
+    MAX_SECONDS,
+    MAX_WEIGHT,
+    Address,
+    KafkaValue,
+    Name,
+    OtlpEndpoint,
+    PathText,
+    RedisUrl,
+    Section,
+    Sha256,
+)
 
-
-def _address(value: str) -> str:
-    """`host:port` (IPv6 hosts in brackets); port 0 asks the OS for a free one."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("must be host:port with a port from 0 to 65535")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ValueError("an IPv6 host must be in brackets, e.g. [::1]:50051")
-    return value
-
-
-def _name(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-    return value
-
-
-def _sha256(value: str) -> str:
-    """`sha256:<hex>` (as `sidecar hash-key` prints it) or bare hex -> lower-case hex."""
-    match = _SHA256.match(value.strip())
-    if match is None:
-        raise ValueError("must be a SHA-256 hex digest (64 hex digits, optionally prefixed 'sha256:'); "
-                         "make one with `sidecar hash-key KEY`")
-    return match.group(2).lower()
-
-
-def _redis_url(value: str) -> str:
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
-    return value
-
-
-Address = Annotated[str, AfterValidator(_address)]
-RedisUrl = Annotated[str, AfterValidator(_redis_url)]
-Sha256 = Annotated[str, AfterValidator(_sha256)]
-Name = Annotated[str, AfterValidator(_name)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = [  # with the bounds and value types, re-exported for config.py and the runtime
+    "KAFKA_OWNED_PROPERTIES",
+    "MAX_AMOUNT",
+    "MAX_COUNT",
+    "MAX_DISK_BYTES",
+    "MAX_INT32",
+    "MAX_MS",
+    "MAX_SECONDS",
+    "MAX_WEIGHT",
+    "Address",
+    "AdminTokenConfig",
+    "ApiKeyConfig",
+    "AuditConfig",
+    "AuthConfig",
+    "BackendConfig",
+    "BudgetRule",
+    "BudgetsConfig",
+    "HealthChecksConfig",
+    "LimitRule",
+    "LimitsConfig",
+    "ModelConfig",
+    "Name",
+    "OrgLimitRule",
+    "OutlierDetectionConfig",
+    "OverridesConfig",
+    "PathText",
+    "Price",
+    "RateRule",
+    "RedisUrl",
+    "RetriesConfig",
+    "RetryableCode",
+    "Section",
+    "Sha256",
+    "ShutdownConfig",
+    "TelemetryConfig",
+    "UsageConfig",
+    "UsageFileConfig",
+    "UsageKafkaConfig",
+]
 
 
 class BackendConfig(Section):
     name: Name
     address: Address
-    weight: float = Field(default=1.0, ge=0)
-    priority: int = Field(default=0, ge=0)
-    max_in_flight: int | None = Field(default=None, ge=1)  # calls at once; a full backend is skipped
+    weight: float = Field(default=1.0, ge=0, le=MAX_WEIGHT)
+    priority: int = Field(default=0, ge=0, le=MAX_COUNT)
+    max_in_flight: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # calls at once; a full backend is skipped
 
 
 class ModelConfig(Section):
-    timeout_ms: int = Field(default=30_000, gt=0)
+    timeout_ms: int = Field(default=30_000, gt=0, le=MAX_MS)
     # what a call reserves for its output when the request sets no max_output_tokens (token
     # limits and budgets reserve before the call and settle to the real usage after)
-    default_max_output_tokens: int = Field(default=1024, ge=1)
+    default_max_output_tokens: int = Field(default=1024, ge=1, le=MAX_AMOUNT)
     # usage a backend reports beyond these per call is clamped to them, counted and flagged
     # (billing.py); by default one token per input byte + 4096, and the request's
     # max_output_tokens (32768 when it sets none)
-    max_reported_input_tokens: int | None = Field(default=None, ge=1)
-    max_reported_output_tokens: int | None = Field(default=None, ge=1)
+    max_reported_input_tokens: int | None = Field(default=None, ge=1, le=MAX_AMOUNT)
+    max_reported_output_tokens: int | None = Field(default=None, ge=1, le=MAX_AMOUNT)
     # weighted_random; or p2c_ewma: two weighted draws, the lower peak-EWMA latency x (in flight + 1) wins
     balancer: Literal["weighted_random", "p2c_ewma"] = "weighted_random"
     # session: calls with the same session_id go to the same backend (consistent hashing, bounded load)
@@ -108,10 +121,10 @@ class AuthConfig(Section):
 class RateRule(Section):
     """Request and token rates; each burst defaults to one minute's amount."""
 
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
-    burst: int | None = Field(default=None, ge=1)        # requests admitted at once from idle
-    token_burst: int | None = Field(default=None, ge=1)  # tokens admitted at once from idle
+    requests_per_minute: float | None = Field(default=None, gt=0, le=MAX_AMOUNT)
+    tokens_per_minute: float | None = Field(default=None, gt=0, le=MAX_AMOUNT)
+    burst: int | None = Field(default=None, ge=1, le=MAX_AMOUNT)        # requests admitted at once from idle
+    token_burst: int | None = Field(default=None, ge=1, le=MAX_AMOUNT)  # tokens admitted at once from idle
     shadow: bool = False                                 # count and report, never deny
 
     def _check_rates(self, required: bool) -> None:
@@ -148,11 +161,11 @@ class LimitsConfig(Section):
     redis_url: RedisUrl | None = None
     # connect and reply timeout of one store call; above a CFS throttling period (100 ms), so a
     # CPU-limited pod's stall does not count as a dead store
-    redis_timeout_ms: int = Field(default=250, gt=0)
+    redis_timeout_ms: int = Field(default=250, gt=0, le=MAX_MS)
     on_store_error: Literal["allow", "deny"] = "allow"
-    expected_replicas: int = Field(default=1, ge=1)        # with allow: each sidecar takes 1/n locally
-    breaker_failures: int = Field(default=3, ge=1)         # consecutive store errors that open the breaker
-    breaker_cooldown_ms: int = Field(default=1_000, gt=0)  # how often an open breaker probes the store
+    expected_replicas: int = Field(default=1, ge=1, le=MAX_COUNT)     # with allow: each sidecar takes 1/n locally
+    breaker_failures: int = Field(default=3, ge=1, le=MAX_COUNT)      # consecutive store errors that open the breaker
+    breaker_cooldown_ms: int = Field(default=1_000, gt=0, le=MAX_MS)  # how often an open breaker probes the store
     orgs: dict[Name, OrgLimitRule] = Field(default_factory=dict)
     api_keys: dict[Name, LimitRule] = Field(default_factory=dict)  # by api key id
 
@@ -161,10 +174,10 @@ class LimitsConfig(Section):
 class BudgetRule(Section):
     """Spending caps of one org over UTC calendar windows: tokens, and cost from model prices."""
 
-    tokens_per_day: int | None = Field(default=None, ge=1)
-    tokens_per_month: int | None = Field(default=None, ge=1)
-    cost_per_day: float | None = Field(default=None, gt=0)
-    cost_per_month: float | None = Field(default=None, gt=0)
+    tokens_per_day: int | None = Field(default=None, ge=1, le=MAX_AMOUNT)
+    tokens_per_month: int | None = Field(default=None, ge=1, le=MAX_AMOUNT)
+    cost_per_day: float | None = Field(default=None, gt=0, le=MAX_AMOUNT)
+    cost_per_month: float | None = Field(default=None, gt=0, le=MAX_AMOUNT)
 
     @model_validator(mode="after")
     def _has_a_cap(self) -> BudgetRule:
@@ -180,8 +193,8 @@ class BudgetRule(Section):
 
 
 class Price(Section):
-    input_per_1k: float = Field(ge=0)   # cost of 1000 input tokens, in the unit of the cost budgets
-    output_per_1k: float = Field(ge=0)
+    input_per_1k: float = Field(ge=0, le=MAX_AMOUNT)  # cost of 1000 input tokens, in the unit of the cost budgets
+    output_per_1k: float = Field(ge=0, le=MAX_AMOUNT)
 
 
 class BudgetsConfig(Section):
@@ -193,10 +206,10 @@ class HealthChecksConfig(Section):
     """Active grpc.health.v1 checks of every backend address."""
 
     enabled: bool = True
-    interval_ms: int = Field(default=2_000, gt=0)
-    timeout_ms: int = Field(default=500, gt=0)
-    unhealthy_threshold: int = Field(default=3, ge=1)  # consecutive failed checks that mark it unhealthy
-    healthy_threshold: int = Field(default=2, ge=1)    # consecutive passed checks that mark it healthy again
+    interval_ms: int = Field(default=2_000, gt=0, le=MAX_MS)
+    timeout_ms: int = Field(default=500, gt=0, le=MAX_MS)
+    unhealthy_threshold: int = Field(default=3, ge=1, le=MAX_COUNT)  # consecutive failed checks: unhealthy
+    healthy_threshold: int = Field(default=2, ge=1, le=MAX_COUNT)    # consecutive passed checks: healthy again
     service: str = ""                                  # the health service name asked of backends
 
     @model_validator(mode="after")
@@ -209,9 +222,9 @@ class HealthChecksConfig(Section):
 class OutlierDetectionConfig(Section):
     """Passive ejection of backends whose real calls keep failing."""
 
-    consecutive_failures: int = Field(default=5, ge=1)
-    base_ejection_ms: int = Field(default=30_000, gt=0)    # times the number of ejections so far
-    max_ejection_ms: int = Field(default=300_000, gt=0)
+    consecutive_failures: int = Field(default=5, ge=1, le=MAX_COUNT)
+    base_ejection_ms: int = Field(default=30_000, gt=0, le=MAX_MS)   # times the number of ejections so far
+    max_ejection_ms: int = Field(default=300_000, gt=0, le=MAX_MS)
     max_ejection_percent: int = Field(default=50, ge=0, le=100)  # of a model's backends (one always may go)
 
 
@@ -221,29 +234,29 @@ RetryableCode = Literal["UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNA
 class RetriesConfig(Section):
     """Retrying a failed attempt on another backend, before anything reached the caller."""
 
-    max_attempts: int = Field(default=2, ge=1)            # 1 = never retry
+    max_attempts: int = Field(default=2, ge=1, le=MAX_COUNT)  # 1 = never retry
     retry_on: list[RetryableCode] = Field(default_factory=lambda: list[RetryableCode](["UNAVAILABLE"]))
     budget_percent: float = Field(default=20.0, ge=0, le=100)  # retries <= this share of recent calls
-    min_retries_per_second: float = Field(default=3.0, ge=0)   # ... but at least this many
+    min_retries_per_second: float = Field(default=3.0, ge=0, le=MAX_COUNT)  # ... but at least this many
 
 
 class OverridesConfig(Section):
     """Where operator routing overrides are kept (see routing/overrides.py)."""
 
     store: Literal["file", "redis"] = "file"          # file: state_dir; redis: limits.redis_url, shared
-    sync_interval_ms: int = Field(default=1_000, gt=0)  # redis: how soon other sidecars' changes apply
+    sync_interval_ms: int = Field(default=1_000, gt=0, le=MAX_MS)  # redis: how soon other sidecars' changes apply
 
 
 class ShutdownConfig(Section):
-    grace_ms: int = Field(default=15_000, ge=0)  # in-flight calls get this long after SIGTERM
+    grace_ms: int = Field(default=15_000, ge=0, le=MAX_MS)  # in-flight calls get this long after SIGTERM
 
 
 
 
 class UsageFileConfig(Section):
-    path: str = "./var/usage/usage.jsonl"
-    max_bytes: int = Field(default=100 * 1024 * 1024, gt=0)  # rotate past this size
-    backups: int = Field(default=5, ge=0)                     # rotated files kept
+    path: PathText = "./var/usage/usage.jsonl"
+    max_bytes: int = Field(default=100 * 1024 * 1024, gt=0, le=MAX_DISK_BYTES)  # rotate past this size
+    backups: int = Field(default=5, ge=0, le=MAX_COUNT)                         # rotated files kept
 
 
 # librdkafka properties the sidecar sets itself: delivery guarantees depend on them
@@ -258,14 +271,14 @@ class UsageKafkaConfig(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = Field(default="inference.usage", min_length=1)
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
-    linger_ms: int = Field(default=50, ge=0)                # records of this long share a produce request
-    delivery_timeout_ms: int = Field(default=30_000, gt=0)  # unacknowledged this long -> back to the spool
+    linger_ms: int = Field(default=50, ge=0, le=MAX_MS)                # records of this long share a request
+    delivery_timeout_ms: int = Field(default=30_000, gt=0, le=MAX_MS)  # unacknowledged this long -> the spool
     # the topic's max.message.bytes: a bigger record cannot be written and goes to the DLQ
-    max_message_bytes: int = Field(default=1_048_588, gt=0)
-    replay_backoff_ms: int = Field(default=500, gt=0)       # first wait before a replay; doubles to 30 s
+    max_message_bytes: int = Field(default=1_048_588, gt=0, le=1_000_000_000)  # librdkafka's maximum
+    replay_backoff_ms: int = Field(default=500, gt=0, le=MAX_MS)  # first wait before a replay; doubles to 30 s
     client_id: str = "inference-sidecar"
     # more librdkafka properties, e.g. security.protocol, sasl.mechanism, ssl.ca.location
-    properties: dict[str, str | int | float | bool] = {}
+    properties: dict[str, KafkaValue] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _no_owned_properties(self) -> UsageKafkaConfig:
@@ -282,45 +295,34 @@ class UsageConfig(Section):
     sink: Literal["none", "file", "kafka"] = "none"
     file: UsageFileConfig = UsageFileConfig()
     kafka: UsageKafkaConfig = UsageKafkaConfig()
-    spool_dir: str = "./var/spool"                    # kafka: the write-ahead spool and the DLQ
+    spool_dir: PathText = "./var/spool"                    # kafka: the write-ahead spool and the DLQ
     # interval: fsync every fsync_interval_ms; strict: a call's response waits for its record's fsync
     durability: Literal["interval", "strict"] = "interval"
-    fsync_interval_ms: int = Field(default=20, gt=0)
-    max_spool_bytes: int = Field(default=1024 * 1024 * 1024, ge=64 * 1024)
+    fsync_interval_ms: int = Field(default=20, gt=0, le=MAX_MS)
+    max_spool_bytes: int = Field(default=1024 * 1024 * 1024, ge=64 * 1024, le=MAX_DISK_BYTES)
     # reject: calls fail UNAVAILABLE while the spool is full; drop_oldest: the oldest segment goes (counted)
     on_spool_full: Literal["reject", "drop_oldest"] = "reject"
-    segment_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
+    segment_bytes: int = Field(default=16 * 1024 * 1024, ge=4096, le=MAX_INT32)
 
 
 class AuditConfig(Section):
     """Where each call's decision record is kept for `Audit.GetRequest`."""
 
     store: Literal["memory", "redis"] = "memory"          # redis: limits.redis_url, any sidecar answers
-    max_records: int = Field(default=10_000, ge=1)         # memory: the oldest go beyond this
-    ttl_seconds: int = Field(default=86_400, ge=1)         # redis: records expire after this
-
-
-def _otlp_endpoint(value: str) -> str:
-    """`http://host:port` (plaintext) or `https://host:port` (TLS); empty turns tracing off."""
-    if not value:
-        return value
-    scheme, sep, rest = value.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        raise ValueError("must be http://host:port or https://host:port (empty: no traces)")
-    _address(rest.rstrip("/"))
-    return value
+    max_records: int = Field(default=10_000, ge=1, le=MAX_COUNT)       # memory: the oldest go beyond this
+    ttl_seconds: int = Field(default=86_400, ge=1, le=MAX_SECONDS)     # redis: records expire after this
 
 
 class TelemetryConfig(Section):
     """Traces (OTLP/gRPC) and the format of log lines."""
 
-    otlp_endpoint: Annotated[str, AfterValidator(_otlp_endpoint)] = ""   # empty: no traces
-    otlp_headers: dict[str, str] = {}          # sent with every export, e.g. a collector's API key
-    export_timeout_ms: int = Field(default=10_000, gt=0)
+    otlp_endpoint: OtlpEndpoint = ""   # empty: no traces
+    otlp_headers: dict[str, str] = Field(default_factory=dict)  # sent with every export, e.g. a collector's API key
+    export_timeout_ms: int = Field(default=10_000, gt=0, le=MAX_MS)
     # parent-based: a caller's sampled flag decides; otherwise this share of new traces is sampled
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
     service_name: str = "inference-sidecar"
-    resource_attributes: dict[str, str] = {}   # added to the OTLP resource, e.g. k8s.pod.name
-    max_queued_spans: int = Field(default=8192, ge=64)  # beyond this, spans are dropped (counted)
+    resource_attributes: dict[str, str] = Field(default_factory=dict)  # added to the OTLP resource, e.g. k8s.pod.name
+    max_queued_spans: int = Field(default=8192, ge=64, le=MAX_COUNT)  # beyond this, spans are dropped (counted)
     log_format: Literal["json", "text"] = "json"
     access_log: bool = True                    # one line per inference call

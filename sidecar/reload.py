@@ -2,8 +2,9 @@
 when the file changed.
 
 `Sidecar.reload` (app.py) reads the file on SIGHUP and when `watch_file` sees it change, and
-asks `check_reload` whether the new text may replace the running config. Everything here is
-pure apart from reading the file: the swap itself is the Sidecar's, in one synchronous step.
+asks `check_reload` whether the new text may replace the running config; both run in a worker
+thread, within the bounds of config_yaml.py (1 MiB, nodes, depth). Everything here is pure apart
+from reading the file: the swap itself is the Sidecar's, in one synchronous step on the loop.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from sidecar.config import Config, ConfigError, parse_config
+from sidecar.config import Config, ConfigError, parse_config, read_config_text
+
+__all__ = ["POLL_SECONDS", "RESTART", "RESTART_ONLY", "SETTLE_SECONDS", "check_reload", "describe_changes",
+           "file_stamp", "read_config_text", "restart_only_changes", "watch_file"]
 
 # Keys fixed for the life of the process: listeners are bound, stores, sinks and the tracer are
 # built once, with these. A new value is a rejected reload that names the key; restart to apply.
@@ -34,16 +38,10 @@ SETTLE_SECONDS = 0.1  # a changed file must hold still this long: a writer may n
 _MISSING = object()
 
 
-def read_config_text(path: str | Path) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-
-
 def check_reload(running: Config, text: str, environ: Mapping[str, str] | None = None) -> Config:
     """The config `text` describes, if it may replace `running`; else `ConfigError` with one
-    `key.path: message` line per problem: invalid keys, and keys that need a restart."""
+    `key.path: message` line per problem: invalid keys, and keys that need a restart. Safe to
+    call in a worker thread (configs are immutable)."""
     config = parse_config(text, environ)
     problems = restart_only_changes(running, config)
     if problems:

@@ -79,21 +79,37 @@ class InferenceHandlers:
         }
 
     async def infer(self, raw: bytes, context: Context) -> bytes:
-        async with CallScope(self, "Infer", raw, context) as call:
-            response = await proxy.unary(call, self._router, lambda: context.send_initial_metadata(
-                (("x-request-id", call.request_id),)))
-            call.last_message, call.relayed = response, True
-            return response
+        try:
+            async with CallScope(self, "Infer", raw, context) as call:
+                response = await proxy.unary(call, self._router, lambda: context.send_initial_metadata(
+                    (("x-request-id", call.request_id),)))
+                call.last_message, call.relayed = response, True
+                return response
+        except Refused:
+            return b""  # grpc sends the error status set on the context, not this
 
     async def infer_stream(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
-        async with CallScope(self, "InferStream", raw, context) as call:
-            await context.send_initial_metadata((("x-request-id", call.request_id),))
-            # closed here, not by the garbage collector: when the caller leaves mid-stream, the
-            # backend attempt ends (and is recorded) before the call's finishers run
-            async with contextlib.aclosing(proxy.relay_stream(call, self._router)) as chunks:
-                async for chunk in chunks:
-                    call.last_message, call.relayed = chunk, True
-                    yield chunk
+        try:
+            async with CallScope(self, "InferStream", raw, context) as call:
+                await context.send_initial_metadata((("x-request-id", call.request_id),))
+                # closed here, not by the garbage collector: when the caller leaves mid-stream, the
+                # backend attempt ends (and is recorded) before the call's finishers run
+                async with contextlib.aclosing(proxy.relay_stream(call, self._router)) as chunks:
+                    async for chunk in chunks:
+                        call.last_message, call.relayed = chunk, True
+                        yield chunk
+        except Refused:
+            return  # grpc ends the stream with the error status set on the context
+
+
+class Refused(Exception):  # a signal, not an error: the call's status is already set
+    """Raised by `CallScope` once a failed call's status (code, message, trailers) is set on the
+    context; the handler catches it and returns, and grpc sends that status.
+
+    Not `context.abort()`: grpc keeps abort's exception on the RPC's state, and that exception's
+    traceback holds the handler frames, which hold the request bytes and the state again: a
+    reference cycle only a full garbage collection frees. Large requests a backend refused were
+    kept alive that way by the dozen (hundreds of MB of RSS)."""
 
 
 class CallScope:
@@ -105,7 +121,7 @@ class CallScope:
     finisher (each one even if another raised), waits under strict usage durability until the
     usage record is on disk, only then counts the call out of flight (so that a draining
     shutdown waits for that record instead of cancelling a served call), and last sends the
-    error status, if any. Entering that fails ends the call the same way.
+    error status, if any (`Refused`). Entering that fails ends the call the same way.
     """
 
     __slots__ = ("_context", "_counted", "_handlers", "call")
@@ -133,7 +149,7 @@ class CallScope:
         await self._end(exc)
 
     async def _end(self, exc: BaseException | None) -> None:
-        """Ends the call once; raises grpc's abort for an error status."""
+        """Ends the call once; raises `Refused` once an error status is set on the context."""
         call = self.call
         rescued: errors.Rescued | None = None
         if exc is None:
@@ -162,4 +178,7 @@ class CallScope:
                 self._counted = False
                 self._handlers.in_flight.leave()
         if rescued is not None:
-            await self._context.abort(rescued.code, rescued.message, rescued.trailing_metadata)
+            self._context.set_code(rescued.code)
+            self._context.set_details(rescued.message)
+            self._context.set_trailing_metadata(rescued.trailing_metadata)
+            raise Refused

@@ -9,12 +9,19 @@ survive a restart. Where they are kept (`overrides.store`):
 2. `redis`: one hash (`sidecar:routing:overrides`) in the limit store's Redis, shared by every
    sidecar; each one re-reads it every `sync_interval_ms`, so an override set on one replica
    acts on all of them within that interval.
+
+Bounds (`problem()`), the same for an admin call and for what is read back from the store: a
+weight is finite, >= 0 and at most config's `MAX_WEIGHT` (a weight of inf, or 1e308 on two
+backends, once took all the traffic), a TTL at most a year, names and the reason short and the
+reason free of control characters (it is logged).
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,12 +29,17 @@ from typing import Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sidecar.errors import SidecarError
+from sidecar.config_sections import MAX_SECONDS, MAX_WEIGHT
+from sidecar.errors import SidecarError, longer_than
 
 log = logging.getLogger("sidecar.routing")
 Action = Literal["weight", "drain", "pin"]
 FILE_NAME = "overrides.json"
 REDIS_KEY = "sidecar:routing:overrides"
+MAX_NAME_BYTES = 256                 # a model or backend name in an admin call
+MAX_REASON_BYTES = 512
+MAX_TTL_SECONDS = MAX_SECONDS        # a year; 0 = until cleared
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is fine
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +62,29 @@ class Override:
         return f"{self.model}/{self.backend}"
 
 
+def name_problem(field: str, name: str) -> tuple[str, str] | None:
+    """A model or backend name too long to be one (checked before it is looked up or echoed)."""
+    if longer_than(name, MAX_NAME_BYTES):
+        return field, f"{field} is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def problem(override: Override) -> tuple[str, str] | None:
+    """The first field of `override` out of bounds, and what is wrong with it; None if it is valid."""
+    found = name_problem("model", override.model) or name_problem("backend", override.backend)
+    if found:
+        return found
+    if override.action == "weight" and not (math.isfinite(override.weight) and 0 <= override.weight <= MAX_WEIGHT):
+        return "weight", f"weight must be a finite number from 0 to {MAX_WEIGHT}"
+    if not 0 <= override.ttl_seconds <= MAX_TTL_SECONDS:
+        return "ttl_seconds", f"ttl_seconds must be from 0 (until cleared) to {MAX_TTL_SECONDS}"
+    if longer_than(override.reason, MAX_REASON_BYTES):
+        return "reason", f"reason is longer than {MAX_REASON_BYTES} bytes"
+    if _CONTROL.search(override.reason):
+        return "reason", "reason must not contain control characters"
+    return None
+
+
 class OverrideTable:
     """The overrides in force, by (model, backend), and where they are kept: a file (`path`),
     a shared Redis hash (`redis`), or neither (memory only, for tests)."""
@@ -59,6 +94,7 @@ class OverrideTable:
         self.redis = redis
         self._items: dict[tuple[str, str], Override] = {}
         self._unreadable = False  # logged once when reading starts failing, once when it works again
+        self._ignored: tuple[str, ...] = ()  # the bounds broken by overrides read back; logged when it changes
 
     def live(self, now: float) -> list[Override]:
         return [o for o in self._items.values() if o.live(now)]
@@ -67,7 +103,7 @@ class OverrideTable:
         """Reads the kept overrides (at start; with Redis, again on every sync). True when the
         table changed. A store that cannot be read keeps the table as it is."""
         try:
-            items = await self._read()
+            items = self._valid(await self._read())  # a value of the wrong type: TypeError
         except (OSError, ValueError, KeyError, TypeError, RedisError) as exc:
             if not self._unreadable:
                 log.error("cannot read routing overrides; keeping the ones known",
@@ -81,6 +117,23 @@ class OverrideTable:
         changed = fresh != {k: o for k, o in self._items.items() if o.live(now)}
         self._items = fresh
         return changed
+
+    def _valid(self, items: list[Override]) -> list[Override]:
+        """The overrides within bounds. Others (written by hand, or by an older sidecar sharing the
+        Redis hash) are ignored and logged, once for as long as they stay the same."""
+        valid: list[Override] = []
+        broken: list[str] = []
+        for override in items:
+            found = problem(override)
+            if found is None:
+                valid.append(override)
+            else:
+                broken.append(found[0])
+        ignored = tuple(sorted(broken))
+        if ignored and ignored != self._ignored:
+            log.error("routing overrides out of bounds ignored", extra={"store": self._where(), "fields": ignored})
+        self._ignored = ignored
+        return valid
 
     async def _read(self) -> list[Override]:
         if self.redis is not None:

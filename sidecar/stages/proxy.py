@@ -44,7 +44,7 @@ async def unary(call: Call, router: Router, started: Callable[[], Awaitable[None
             try:
                 response: bytes = await rpc
             except grpc.aio.AioRpcError as exc:
-                attempt.code, failure = exc.code(), exc
+                attempt.code, failure = exc.code(), exc.with_traceback(None)  # no frame cycle
             else:
                 _read_usage(call, attempt, response)
                 return response
@@ -65,7 +65,7 @@ async def relay_stream(call: Call, router: Router) -> AsyncGenerator[bytes, None
                     last = chunk
                     yield chunk
             except grpc.aio.AioRpcError as exc:
-                attempt.code, failure = exc.code(), exc
+                attempt.code, failure = exc.code(), exc.with_traceback(None)  # no frame cycle
             else:
                 if last is not None:
                     _read_usage(call, attempt, last)

@@ -51,8 +51,10 @@ def render_text(line: dict[str, Any]) -> str:
 
 
 def _text_value(value: Any) -> str:
+    """Quoted (JSON-escaped) when it holds a space, a quote or anything unprintable: a caller's
+    string with a newline in it must not start a line of its own."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return json.dumps(text) if (not text or " " in text or '"' in text) else text
+    return json.dumps(text) if (not text or " " in text or '"' in text or not text.isprintable()) else text
 
 
 RENDER = {"json": render_json, "text": render_text}

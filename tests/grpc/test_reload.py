@@ -172,3 +172,20 @@ def test_an_invalid_config_is_rejected_and_the_old_one_keeps_serving(launch: Lau
     sidecar.proc.signal(signal.SIGHUP)
     wait_until(lambda: reloads(sidecar, "unchanged") == 1, 5, what="unchanged", proc=sidecar.proc)
     assert reloads(sidecar, "success") == 0 and reloads(sidecar, "failure") == 3
+
+
+def test_a_burst_of_sighups_applies_a_change_once(launch: Launcher) -> None:
+    """Reloads run one at a time, off the event loop: SIGHUPs during one make one more, which
+    finds the file unchanged; the change is applied once and calls see one config or the other."""
+    a, b = launch.backend(), launch.backend()
+    head = listeners()
+    original = chat(head, [("a", a.address, 1), ("b", b.address, 0)])
+    flipped = chat(head, [("a", a.address, 0), ("b", b.address, 1)])
+    sidecar = launch.sidecar(original)
+    rewrite_unseen(sidecar.config_path, flipped)
+    for _ in range(5):
+        sidecar.proc.signal(signal.SIGHUP)
+    wait_until(lambda: reloads(sidecar, "success") == 1, 10, what="the reload", proc=sidecar.proc)
+    assert routes(sidecar, {"a": a, "b": b}) == {"b": 10}
+    assert reloads(sidecar, "success") == 1 and reloads(sidecar, "failure") == 0
+    assert reloads(sidecar, "unchanged") <= 4 and len(logged(sidecar, "config reloaded")) == 1

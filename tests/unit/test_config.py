@@ -16,8 +16,8 @@ VALID = sorted((CONFIGS / "valid").glob("*.yaml"))
 
 
 def expected_problems(path: Path) -> list[str]:
-    return [line.removeprefix("# expect: ") for line in path.read_text().splitlines()
-            if line.startswith("# expect: ")]
+    text = path.read_bytes().decode(errors="replace")  # not_utf8.yaml is not
+    return [line.removeprefix("# expect: ") for line in text.splitlines() if line.startswith("# expect: ")]
 
 
 def test_there_is_a_case_for_every_message_kind() -> None:
@@ -80,6 +80,9 @@ def test_unreadable_file() -> None:
     (("models", "chat", "backends", 1, "weight"), "models.chat.backends[1].weight"),
     ((), "(root)"),
     (("listen",), "listen"),
+    (("models", " chat", "timeout_ms"), 'models." chat".timeout_ms'),  # keys come from the file: quoted
+    (("a\nb", ""), '"a\\nb".""'),
+    (("k" * 100,), "k" * 77 + "..."),
 ])
 def test_key_path(loc: tuple[str | int, ...], path: str) -> None:
     assert key_path(loc) == path
@@ -117,3 +120,19 @@ def test_the_documented_example_is_valid() -> None:
     config = parse_config(example, environ={"APP1_KEY_SHA256": digest, "OPS_TOKEN_SHA256": "b" * 64})
     assert config.limits.store == "redis" and config.budgets.orgs["acme"].tokens_per_day == 5_000_000
     assert config.auth is not None and config.auth.admin_tokens[0].id == "ops"
+
+
+def test_the_documented_limits_are_the_code_s() -> None:
+    """docs/configuration.md, "Limits of a config file", states the bounds the code enforces."""
+    from sidecar import config_sections as sections
+    from sidecar import config_yaml
+
+    doc = (CONFIGS.parent.parent / "docs" / "configuration.md").read_text()
+    limits = doc.split("## Limits of a config file", 1)[1].split("\n## ", 1)[0]
+    assert f"1 MiB ({config_yaml.MAX_CONFIG_BYTES} bytes)" in limits
+    assert f"{config_yaml.MAX_NODES:,} values" in limits and f"{config_yaml.MAX_DEPTH} lists and mappings" in limits
+    assert f"at most {config_yaml.MAX_NUMBER_CHARS} characters" in limits
+    for value in (sections.MAX_MS, sections.MAX_SECONDS, sections.MAX_WEIGHT, sections.MAX_COUNT, sections.MAX_INT32):
+        assert f"| {value} (" in limits or f"| {value} |" in limits, value
+    assert sections.MAX_AMOUNT == 10**15 and "10^15" in limits
+    assert sections.MAX_DISK_BYTES == 2**50 and "2^50" in limits

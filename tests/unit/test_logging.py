@@ -79,3 +79,13 @@ def test_the_access_log_can_be_turned_off(setting: str, level: int, capsys: pyte
 
     asyncio.run(one())
     assert capsys.readouterr().err == ""
+
+
+def test_text_lines_cannot_be_split_by_a_callers_string() -> None:
+    """A model name (or any caller-supplied value) with a newline stays on its line, escaped."""
+    from sidecar.telemetry.logging import render_text
+
+    line = render_text({"ts": "t", "level": "info", "logger": "sidecar.access", "msg": "call",
+                        "model": "chat\nFAKE 2026 ERROR sidecar: forged", "org": "acme\x1b[31m"})
+    assert "\n" not in line
+    assert 'model="chat\\nFAKE 2026 ERROR sidecar: forged"' in line and 'org="acme\\u001b[31m"' in line

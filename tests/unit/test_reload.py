@@ -66,6 +66,21 @@ def test_an_invalid_config_is_refused_like_check_config() -> None:
     assert refused.value.problems == ["models.chat.backends[0].weight: must be >= 0"]
 
 
+@pytest.mark.parametrize(("old", "new", "problems"), [
+    ("telemetry: {sample_ratio: 1.0}", "telemetry: {sample_ratio: 1.0}\ntelemetry: {sample_ratio: 0.1}",
+     ["telemetry: duplicate key (first on line 4); remove one"]),
+    ("weight: 1}\n      - {name: b", "weight: true}\n      - {name: b",
+     ["models.chat.backends[0].weight: must be a number, not true or false"]),
+    ("requests_per_minute: 60", "requests_per_minute: 1e400",
+     ["limits.orgs.anonymous.requests_per_minute: must be a finite number"]),
+], ids=["duplicate_key", "bool_weight", "infinite_rate"])
+def test_nonsense_is_refused_on_reload_too(old: str, new: str, problems: list[str]) -> None:
+    """Issue 15 finding 4: on reload the last duplicate silently won, true was 1, 1e400 was inf."""
+    with pytest.raises(ConfigError) as refused:
+        check_reload(RUNNING, changed(old, new), environ={})
+    assert refused.value.problems == problems
+
+
 def test_describe_changes_names_models_backends_and_sections() -> None:
     new = parse_config(changed('      - {name: b, address: "127.0.0.1:7002", weight: 1}\n',
                                '      - {name: c, address: "127.0.0.1:7003"}\n  embed:\n'
