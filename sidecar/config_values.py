@@ -13,6 +13,8 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 
+from sidecar.redis_client import cluster_seeds, is_cluster
+
 # Upper bounds of numbers (docs/configuration.md, "Limits of a config file"). Past them a value is
 # a mistake, and some would break the sidecar: 10^29 ms overflows every deadline, a weight of
 # .inf takes all the traffic. Every float must be finite as well.
@@ -61,8 +63,11 @@ def _sha256(value: str) -> str:
 
 
 def _redis_url(value: str) -> str:
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
+    if not value.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
+        raise ValueError("must start with redis://, rediss://, unix:// (one server) "
+                         "or redis+cluster://, rediss+cluster:// (a Redis Cluster)")
+    if is_cluster(value):
+        cluster_seeds(value)  # ValueError naming the seed that is not host:port
     return value
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.redis_cluster import ValkeyCluster, start_valkey_cluster
 from tests.harness.servers import TANSU_STOP_TIMEOUT, TansuBroker, start_tansu, start_valkey
 from tests.harness.sidecar import BackendProc, SidecarProc, start_backend, start_sidecar
 
@@ -36,6 +37,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """A 3-master Redis Cluster (valkey-server nodes joined by the harness) shared by the session.
+
+    Tests share it, so use unique key names (a uuid org); a test that kills or reshapes nodes
+    starts its own with `start_valkey_cluster`."""
+    cluster = start_valkey_cluster(tmp_path_factory.mktemp("valkey-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: ValkeyCluster) -> str:
+    """The `redis+cluster://` URL of the session's cluster (every node a seed)."""
+    return redis_cluster.url
 
 
 @pytest.fixture(scope="session")

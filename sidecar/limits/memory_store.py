@@ -1,7 +1,8 @@
 """The embedded limit store: GCRA state and budget counters in dicts, for one sidecar process.
 
 The default (`limits.store: memory`), and the local fallback behind the Redis store, which then
-holds `share` (1/expected_replicas) of every limit, its buckets starting with one second's worth. Decisions are made under the event loop's
+holds `share` (1/the sidecars counted in the fleet) of every limit, its buckets starting with one
+second's worth. Decisions are made under the event loop's
 single thread, so check-and-charge is atomic without a lock. Keys come from config (org, key
 ids, models) and the calendar, never from caller input; windows past their end are pruned.
 """
@@ -23,7 +24,7 @@ class MemoryLimitStore:
                  share: float = 1.0, start_empty: bool = False) -> None:
         self._clock = clock
         self._wall = wall
-        self._share = share
+        self.share = share
         # the fallback's buckets start nearly empty (one second's worth): a store that flaps must
         # not hand out a burst each time
         self._start_empty = start_empty
@@ -37,7 +38,7 @@ class MemoryLimitStore:
         return self.admit_now(ask)
 
     def admit_now(self, ask: Ask) -> Verdict:
-        rates = [r.scaled(self._share) for r in ask.rates] if self._share != 1.0 else ask.rates
+        rates = [r.scaled(self.share) for r in ask.rates] if self.share != 1.0 else ask.rates
         keys = [ask.rate_key(i) for i in range(len(rates))]
         now = self._clock()
         if self._start_empty:
@@ -47,7 +48,7 @@ class MemoryLimitStore:
         decision = decide(rates, [self._tats.get(k) for k in keys], now, ask.rate_costs)
         if not decision.allowed:
             return Verdict(False, decision.retry_after, decision.denied_by, shadow_denied=decision.shadow_denied)
-        budgets = [b.scaled(self._share) for b in ask.budgets] if self._share != 1.0 else ask.budgets
+        budgets = [b.scaled(self.share) for b in ask.budgets] if self.share != 1.0 else ask.budgets
         budget_keys = [ask.budget_key(i) for i in range(len(budgets))]
         consumed = [self._consumed.get(k, (0, 0.0))[0] for k in budget_keys]
         over = over_budget(budgets, consumed, ask.budget_costs)
@@ -70,7 +71,7 @@ class MemoryLimitStore:
         for i, delta in enumerate(rate_deltas):
             if delta:
                 key = ask.rate_key(i)
-                self._tats[key] = settled_tat(ask.rates[i].scaled(self._share), self._tats.get(key), now, delta)
+                self._tats[key] = settled_tat(ask.rates[i].scaled(self.share), self._tats.get(key), now, delta)
         for i, delta in enumerate(budget_deltas):
             key = ask.budget_key(i)
             if delta and key in self._consumed:
@@ -98,5 +99,5 @@ class MemoryLimitStore:
         return None
 
     def __repr__(self) -> str:
-        share = f" share={self._share:g}" if self._share != 1.0 else ""
+        share = f" share={self.share:g}" if self.share != 1.0 else ""
         return f"<MemoryLimitStore {len(self._tats)} limits, {len(self._consumed)} budget windows{share}>"

@@ -16,7 +16,7 @@ charge the same window at the same moment.
 
 A decision whose caller never gets the verdict (the caller was cancelled, or the reply timed
 out, or the batch failed after it may have run) is released, exactly once. The admit script
-leaves a marker with what it charged (`sidecar:res:{org}:<store>:<n>`, for
+leaves a marker with what it charged (field `<store>:<n>` of the org's `sidecar:res:{org}`, for
 `RESERVATION_MARKER_SECONDS`); a release ("void") refunds only if the marker is there and deletes
 it, or else leaves a tombstone in its place, so that a decision still on its way charges
 nothing. Whatever order they run in, the charge is undone once. Settlement batches are numbered
@@ -25,11 +25,20 @@ a batch that failed may be resent, and is, without being applied twice. Voids an
 in the background on their own connection (never in a decision's pipeline), until Redis answers
 or `RESERVATION_MARKER_SECONDS` / `SETTLE_RESEND_SECONDS` have passed.
 
-Scripts run by EVALSHA; after a NOSCRIPT (a restarted or flushed Redis) the script is loaded
-again and the call repeated once. Every failure leaves here as `StoreUnavailable`: the guard
-above decides what a failing store means for the call. A batch (connect, send, read, a NOSCRIPT
-reload) must be done within one timeout, and a decision waits at most for the batch in flight
-and then its own: a slow store costs a call at most about two timeouts.
+Scripts run by EVALSHA; after a NOSCRIPT (a restarted or flushed Redis, a new cluster node) the
+call is repeated once as EVAL, which caches the script where it ran. Every failure leaves here as
+`StoreUnavailable`: the guard above decides what a failing store means for the call. A batch
+(connect, send, read, a NOSCRIPT repeat) must be done within one timeout, and a decision waits at
+most for the batch in flight and then its own: a slow store costs a call at most about two
+timeouts.
+
+On a Redis Cluster (`redis+cluster://`) every call goes to the node that owns its org's slot, and
+each node has its own lane: its own queue of calls and its own batch in flight. So a frozen or
+dead node holds up, and fails, only the calls of the orgs it owns; the others never wait behind
+it. A batch that meets a slot being moved follows MOVED and ASK (redis-py's cluster pipeline);
+a call that still fails (TRYAGAIN while a slot's keys are half-migrated) fails alone, as a store
+error for that one call. `node_of(org)` names the node an org's decisions go to, for the guard's
+breaker per node.
 """
 from __future__ import annotations
 
@@ -42,15 +51,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from sidecar import redis_client
 from sidecar.limits.gcra import charged
-from sidecar.limits.redis_scripts import ADMIT, SETTLE, VOID, Script
+from sidecar.limits.redis_scripts import ADMIT, FLEET, SETTLE, VOID, Script
 from sidecar.limits.store import Ask, StoreUnavailable, Verdict
 from sidecar.tasks import Tasks
 
@@ -64,6 +72,7 @@ RESERVATION_MARKER_SECONDS = 30.0
 SETTLE_RESEND_SECONDS = 300.0  # a settlement batch that failed is resent for this long, then dropped
 APPLIED_SET_SECONDS = SETTLE_RESEND_SECONDS + 60.0  # the record of applied batches outlives every resend
 RESEND_FIRST_SECONDS, RESEND_MAX_SECONDS = 0.05, 1.0  # back-off between rounds of resends
+FLEET_KEY = "sidecar:fleet:{fleet}"  # the sidecars sharing this store (`heartbeat`)
 
 
 class Corrections:
@@ -93,6 +102,14 @@ class ScriptCall:
     on_lost: Callable[[Any], None] | None = None
 
 
+@dataclass(slots=True)
+class Lane:
+    """The calls waiting for one node (one lane for a single Redis), and whether its sender runs."""
+
+    queue: list[tuple[ScriptCall, asyncio.Future[Any]]]
+    sending: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Resend:
     """A call sent again in the background until Redis answers it or `deadline` (monotonic) passes."""
@@ -106,23 +123,20 @@ class RedisLimitStore:
     name = "redis"
 
     def __init__(self, url: str, timeout: float, *, wall: Callable[[], float] = time.time) -> None:
-        # few connections: one batch is in flight at a time, plus resends and a probe. No socket
-        # timeout: one deadline bounds each whole round trip (`_eval`, `ping`), and costs one timer
-        # per batch instead of one per reply read
-        pool = aioredis.ConnectionPool.from_url(
-            url, max_connections=8, socket_timeout=None, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self._redis = aioredis.Redis(connection_pool=pool)
+        # few connections (per node): one batch is in flight at a time, plus resends and a probe.
+        # No socket timeout: one deadline bounds each whole round trip (`_eval`, `ping`), and costs
+        # one timer per batch instead of one per reply read
+        self._redis = redis_client.connect(url, timeout, socket_timeout=None)
+        self._cluster = self._redis if isinstance(self._redis, RedisCluster) else None
         self._timeout = timeout
         self._wall = wall
         self._offset = 0.0  # Redis's clock minus ours: from `start`, then from every decision's reply
-        self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
-        self._sending = False
-        parsed = urlsplit(url)
-        self._where = f"{parsed.hostname or parsed.path}:{parsed.port or ''}".rstrip(":")  # no password
+        self._lanes: dict[str, Lane] = {}  # by node name ("" for a single Redis, or a slot no node owns)
+        self._where = redis_client.where(url)  # no password
         self._admit = Script(ADMIT)
         self._settle = Script(SETTLE)
         self._void = Script(VOID)
+        self._fleet = Script(FLEET)
         self._id = os.urandom(6).hex()  # this store's name in its markers and its record of applied batches
         self._markers = itertools.count(1)
         self._batches = itertools.count(1)
@@ -141,25 +155,46 @@ class RedisLimitStore:
         return self._wall() + self._offset
 
     async def start(self) -> None:
-        """Learns Redis's clock (one TIME) before the first decision needs it for a budget window."""
+        """Learns Redis's clock (one TIME) before the first decision needs it for a budget window,
+        and a cluster's slots."""
         try:
             async with asyncio.timeout(self._timeout):
+                if self._cluster is not None:
+                    await self._cluster.initialize()
                 sent = self._wall()
                 seconds, micros = await self._redis.time()
                 self._offset = seconds + micros / 1e6 - (sent + self._wall()) / 2
-        except (RedisError, OSError, TimeoutError):
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
             log.warning("limit store: Redis's clock is unknown until its first decision", extra={"store": repr(self)})
 
+    async def heartbeat(self, ttl: float) -> int:
+        """Registers this store for `ttl` seconds among the sidecars sharing Redis and returns how
+        many are registered (a `ttl` of 0 leaves). Raises `StoreUnavailable`."""
+        reply = await self._submit(ScriptCall(self._fleet, [FLEET_KEY], [self._id, int(ttl * 1000)]))
+        return int(reply)
+
+    def node_of(self, org: str) -> str:
+        """The node `org`'s keys live on, by name ("" for a single Redis, or while unknown)."""
+        return self._node_of_key(f"sidecar:rl:{{{org}}}")
+
+    def _node_of_key(self, key: str) -> str:
+        if self._cluster is None:
+            return ""
+        try:
+            return str(self._cluster.nodes_manager.get_node_from_slot(key_slot(key.encode())).name)
+        except RedisClusterException:  # no topology yet, or a slot no node serves
+            return ""
+
     async def admit(self, ask: Ask) -> Verdict:
-        marker = f"sidecar:res:{{{ask.org}}}:{self._id}:{next(self._markers):x}"
-        args: list[Any] = [len(ask.rates), len(ask.budgets), _MARKER_MS]
+        marker = f"{self._id}:{next(self._markers):x}"
+        args: list[Any] = [len(ask.rates), len(ask.budgets), _MARKER_MS, marker]
         for rate, cost in zip(ask.rates, ask.rate_costs, strict=True):
             interval_us = 1e6 / rate.per_second
             args += [_num(interval_us), _num(rate.burst * interval_us), _num(charged(rate, cost) * interval_us),
                      1 if rate.shadow else 0]
         for budget, cost in zip(ask.budgets, ask.budget_costs, strict=True):
             args += [budget.limit, cost, int(budget.window.resets_at) + BUDGET_KEY_GRACE_SECONDS]
-        call = ScriptCall(self._admit, [*ask.keys(), marker], args, partial(self._release, ask, marker))
+        call = ScriptCall(self._admit, [*ask.keys(), *_marker_keys(ask.org)], args, partial(self._release, ask, marker))
         future = self._submit(call)
         try:
             reply = await future
@@ -189,11 +224,11 @@ class RedisLimitStore:
         A failure means it may have run; only a denial (or a release that came first) charged nothing."""
         if isinstance(reply, list) and int(reply[0]) != 1:
             return
-        args: list[Any] = [_MARKER_MS, len(ask.rates)]
+        args: list[Any] = [_MARKER_MS, marker, len(ask.rates)]
         for rate, cost in zip(ask.rates, ask.rate_costs, strict=True):
             args += [_num(1e6 / rate.per_second), _num(charged(rate, cost))]
         args += ask.budget_costs
-        self._resend(Resend(ScriptCall(self._void, [marker, *ask.keys()], args),
+        self._resend(Resend(ScriptCall(self._void, [*_marker_keys(ask.org), *ask.keys()], args),
                             time.monotonic() + RESERVATION_MARKER_SECONDS))
 
     def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
@@ -214,7 +249,6 @@ class RedisLimitStore:
         the background (applied once, however often it is sent) for `SETTLE_RESEND_SECONDS`."""
         futures = self._queue_settlements()
         if futures:
-            self._ensure_sender()
             await asyncio.wait(futures)  # a cancelled flush leaves them to the sender
 
     def _queue_settlements(self) -> list[asyncio.Future[Any]]:
@@ -226,7 +260,7 @@ class RedisLimitStore:
             args = [number, min(self._unanswered), _APPLIED_SET_MS,
                     *(part for entry in keys.values() for part in (_num(entry[0]), _num(entry[1])))]
             call = ScriptCall(self._settle, [f"sidecar:settled:{{{org}}}:{self._id}", *keys], args)
-            future = self._enqueue(call)
+            future = self._submit(call)
             future.add_done_callback(partial(self._settlement_done, call, number))
             futures.append(future)
         return futures
@@ -285,50 +319,67 @@ class RedisLimitStore:
                         extra={"count": gave_up})
         return all(not isinstance(reply, BaseException) for reply in replies)
 
-    async def ping(self) -> bool:
+    async def ping(self, node: str = "") -> bool:
+        """True when Redis answers; on a cluster, the slots are learned again first (a failover
+        or a migration may have moved them), then `node` is asked. A node no longer in the
+        cluster counts as answered: its orgs' keys are served elsewhere now."""
         try:
             async with asyncio.timeout(self._timeout):
-                return bool(await self._redis.ping())
-        except (RedisError, OSError, TimeoutError):
+                if self._cluster is None:
+                    return bool(await self._redis.ping())
+                await self._cluster.nodes_manager.initialize()
+                target = self._cluster.get_node(node_name=node) if node else None
+                if node and (target is None or node not in self._owners()):
+                    return True
+                return bool(await self._cluster.ping(target_nodes=target or RedisCluster.PRIMARIES))
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
             return False
+
+    def _owners(self) -> set[str]:
+        """The names of the nodes that own slots now."""
+        assert self._cluster is not None
+        return {nodes[0].name for nodes in self._cluster.nodes_manager.slots_cache.values() if nodes}
 
     def _run(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """Queues one script call; its reply (or StoreUnavailable) arrives on the returned future."""
         return self._submit(ScriptCall(script, keys, args))
 
     def _submit(self, call: ScriptCall) -> asyncio.Future[Any]:
-        """Queues `call` for the next batch. Calls queued while a batch is in flight go out together
-        as the next batch (automatic pipelining): under load many decisions share one write, one
-        read and one connection."""
-        future = self._enqueue(call)
-        self._ensure_sender()
+        """Queues `call` for the next batch of its node's lane. Calls queued while a batch is in
+        flight go out together as the next batch (automatic pipelining): under load many
+        decisions share one write, one read and one connection."""
+        future, lane = self._enqueue(call)
+        if not lane.sending:
+            lane.sending = True
+            self._tasks.spawn(self._send_queued(lane), name="limit-store-batch")
         return future
 
-    def _enqueue(self, call: ScriptCall) -> asyncio.Future[Any]:
+    def _enqueue(self, call: ScriptCall) -> tuple[asyncio.Future[Any], Lane]:
+        """Queues `call` in its node's lane (without starting the lane's sender)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((call, future))
-        return future
+        node = self._node_of_key(call.keys[0]) if call.keys else ""
+        lane = self._lanes.get(node)
+        if lane is None:
+            lane = self._lanes[node] = Lane([])
+        lane.queue.append((call, future))
+        return future, lane
 
-    def _ensure_sender(self) -> None:
-        if not self._sending:
-            self._sending = True
-            self._tasks.spawn(self._send_queued(), name="limit-store-batch")
-
-    async def _send_queued(self) -> None:
-        """Sends queued calls batch after batch until the queue is empty."""
+    async def _send_queued(self, lane: Lane) -> None:
+        """Sends a lane's queued calls batch after batch until its queue is empty."""
         try:
-            while self._queue:
-                await self._send_batch()
+            while lane.queue:
+                await self._send_batch(lane)
         finally:
-            self._sending = False
+            lane.sending = False
 
-    async def _send_batch(self) -> None:
-        """Sends what is queued as one pipeline and answers every future. Waiting settlements ride
-        along, so a steady flow of calls needs no round trip of its own for them. A call whose
+    async def _send_batch(self, lane: Lane) -> None:
+        """Sends what is queued in `lane` as one pipeline and answers every future. Waiting
+        settlements ride along (those of this lane's orgs in this batch; the others start their
+        own lane's), so a steady flow of calls needs no round trip of its own for them. A call whose
         caller left before it was sent is not sent."""
         self._queue_settlements()
-        batch = [(call, future) for call, future in self._queue if not future.cancelled()]
-        self._queue = []
+        batch = [(call, future) for call, future in lane.queue if not future.cancelled()]
+        lane.queue = []
         if not batch:
             return
         try:
@@ -351,7 +402,30 @@ class RedisLimitStore:
                 future.set_result(reply)
 
     async def _eval(self, calls: list[ScriptCall]) -> list[Any]:
-        """EVALSHA each call in one round trip; after NOSCRIPT, loads the script and resends those.
+        """Each call's reply, or a `StoreUnavailable` in its place; raises `StoreUnavailable` when
+        none was answered. On a cluster the calls go to their nodes side by side, one pipeline
+        each, and a node that fails fails only its own calls."""
+        if self._cluster is None:
+            return await self._eval_on(calls)
+        groups: dict[str, list[int]] = {}
+        for i, call in enumerate(calls):
+            groups.setdefault(self._node_of_key(call.keys[0]) if call.keys else "", []).append(i)
+        if len(groups) == 1:
+            return await self._eval_on(calls)
+        results = await asyncio.gather(*(self._eval_on([calls[i] for i in group]) for group in groups.values()),
+                                       return_exceptions=True)
+        replies: list[Any] = [None] * len(calls)
+        for group, result in zip(groups.values(), results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
+                raise result
+            for n, i in enumerate(group):
+                replies[i] = result if isinstance(result, StoreUnavailable) else result[n]
+        if all(isinstance(reply, StoreUnavailable) for reply in replies):
+            raise replies[0]
+        return replies
+
+    async def _eval_on(self, calls: list[ScriptCall]) -> list[Any]:
+        """EVALSHA each call in one round trip; after NOSCRIPT, the same calls again as EVAL.
         All of it within one timeout."""
         try:
             async with asyncio.timeout(self._timeout):
@@ -361,7 +435,10 @@ class RedisLimitStore:
                     pipe = self._redis.pipeline(transaction=False)
                     for i in todo:
                         call = calls[i]
-                        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                        if attempt:
+                            pipe.eval(call.script.source, len(call.keys), *call.keys, *call.args)
+                        else:
+                            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
                     results = await pipe.execute(raise_on_error=False)
                     missing = []
                     for i, result in zip(todo, results, strict=True):
@@ -373,11 +450,9 @@ class RedisLimitStore:
                             replies[i] = result
                     if not missing:
                         break
-                    for script in {calls[i].script for i in missing}:
-                        await self._redis.script_load(script.source)
                     todo = missing
                 return replies
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     def component(self) -> dict[str, Any]:
@@ -404,6 +479,11 @@ class RedisLimitStore:
 
 _MARKER_MS = int(RESERVATION_MARKER_SECONDS * 1000)
 _APPLIED_SET_MS = int(APPLIED_SET_SECONDS * 1000)
+
+
+def _marker_keys(org: str) -> list[str]:
+    """The org's decision markers (a hash) and when each expires (a sorted set): in its slot."""
+    return [f"sidecar:res:{{{org}}}", f"sidecar:resx:{{{org}}}"]
 
 
 def _log_failure(exc: StoreUnavailable) -> None:

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from sidecar.config_sections import MAX_SECONDS, MAX_WEIGHT
 from sidecar.errors import SidecarError, longer_than
+from sidecar.redis_client import Client
 
 log = logging.getLogger("sidecar.routing")
 Action = Literal["weight", "drain", "pin"]
@@ -89,7 +89,7 @@ class OverrideTable:
     """The overrides in force, by (model, backend), and where they are kept: a file (`path`),
     a shared Redis hash (`redis`), or neither (memory only, for tests)."""
 
-    def __init__(self, path: Path | None = None, redis: aioredis.Redis | None = None) -> None:
+    def __init__(self, path: Path | None = None, redis: Client | None = None) -> None:
         self.path = path
         self.redis = redis
         self._items: dict[tuple[str, str], Override] = {}
@@ -104,7 +104,7 @@ class OverrideTable:
         table changed. A store that cannot be read keeps the table as it is."""
         try:
             items = self._valid(await self._read())  # a value of the wrong type: TypeError
-        except (OSError, ValueError, KeyError, TypeError, RedisError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RedisError, RedisClusterException) as exc:
             if not self._unreadable:
                 log.error("cannot read routing overrides; keeping the ones known",
                           extra={"store": self._where(), "error": str(exc)})
@@ -151,7 +151,7 @@ class OverrideTable:
                 if replaced:
                     await self.redis.hdel(REDIS_KEY, *(o.field for o in replaced))
                 await self.redis.hset(REDIS_KEY, override.field, json.dumps(asdict(override)))
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:
                 raise _unavailable(exc) from None
         for old in replaced:
             del self._items[(old.model, old.backend)]
@@ -162,7 +162,7 @@ class OverrideTable:
         if self.redis is not None:
             try:
                 removed = bool(await self.redis.hdel(REDIS_KEY, f"{model}/{backend}"))
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:
                 raise _unavailable(exc) from None
             self._items.pop((model, backend), None)
             return removed
@@ -189,6 +189,6 @@ class OverrideTable:
         return f"<OverrideTable {len(self._items)} in {self._where()}>"
 
 
-def _unavailable(exc: RedisError) -> SidecarError:
+def _unavailable(exc: RedisError | RedisClusterException) -> SidecarError:
     log.warning("override store unavailable", extra={"error": str(exc)})
     return SidecarError("SERVICE_UNAVAILABLE", "the override store (Redis) is unavailable; nothing was changed")

@@ -25,7 +25,11 @@ LIMIT_STORE_DEGRADED_DECISIONS = Counter(
 LIMIT_STORE_ERRORS = Counter(
     "api_router_limit_store_errors", "Calls to the shared limit store that failed or timed out.")
 LIMIT_STORE_DEGRADED = Gauge(
-    "api_router_limit_store_degraded", "1 while the shared limit store's breaker is open, else 0.")
+    "api_router_limit_store_degraded", "1 while a breaker of the shared limit store is open (on a Redis "
+    "Cluster: one node's), else 0.")
+LIMIT_FLEET_SIZE = Gauge(
+    "api_router_limit_fleet_sidecars", "Sidecars sharing the limit store, as last counted (0: never); while "
+    "the store is out each one decides 1/this of every limit locally.")
 ROUTING_DECISIONS = Counter(
     "api_router_routing_decisions", "Backends chosen for calls: primary tier, or failover (a lower tier, "
     "or a retry on another backend).", ["model", "backend", "decision"])
@@ -118,6 +122,12 @@ BUILD_INFO = Gauge(
 # --- config reloads -----------------------------------------------------------------------------
 CONFIG_RELOAD_RESULTS = ("success", "failure", "unchanged")
 CONFIG_RELOADS = Counter(
-    "api_router_config_reloads", "Config reloads (SIGHUP or a change of the file): success (applied), failure "
-    "(invalid, or a change that needs a restart; the old config keeps serving), unchanged (SIGHUP with the "
-    "running file).", ["result"])
+    "api_router_config_reloads", "Config reloads (SIGHUP, a change of the file, or a new revision of the etcd "
+    "key): success (applied), failure (invalid, or a change that needs a restart; the old config keeps "
+    "serving), unchanged (SIGHUP with the running file, or a revision with the running content).", ["result"])
+CONFIG_SOURCE_UP = Gauge(
+    "api_router_config_source_up", "1 while the config source can be read (a file: always; etcd: the key was "
+    "read and is watched), else 0 (the sidecar serves the config it has).")
+CONFIG_SOURCE_REVISION = Gauge(
+    "api_router_config_source_revision", "etcd source: the revision (mod_revision) of the config that runs; "
+    "0 for a file.")

@@ -12,17 +12,18 @@ that bound, 90 calls with a 4 MB model name held 1.27 GB here.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from sidecar_client.sidecar.admin.v1 import admin_pb2
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
 from sidecar.call import Call
 from sidecar.errors import SidecarError
+from sidecar.redis_client import Client, by_node
 from sidecar.tasks import Batcher
 
 log = logging.getLogger("sidecar.audit")
@@ -59,7 +60,7 @@ class MemoryAudit:
 
 
 class RedisAudit:
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+    def __init__(self, redis: Client, ttl_seconds: int) -> None:
         self._redis = redis
         self._ttl = ttl_seconds
         self._batches = Batcher(self._write, BATCH_SECONDS, name="audit-writer")
@@ -71,18 +72,23 @@ class RedisAudit:
         await self._batches.flush()
 
     async def _write(self, batch: list[admin_pb2.AuditRecord]) -> None:
+        """One pipeline per node (on a Redis Cluster): a dead node loses only its own records."""
+        groups = by_node(self._redis, [_key(record.request_id) for record in batch])
+        await asyncio.gather(*(self._write_some([batch[i] for i in group]) for group in groups))
+
+    async def _write_some(self, records: list[admin_pb2.AuditRecord]) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        for record in batch:
+        for record in records:
             pipe.set(_key(record.request_id), record.SerializeToString(), ex=self._ttl)
         try:
             await pipe.execute()
-        except RedisError as exc:
-            log.warning("audit records lost: Redis unavailable", extra={"records": len(batch), "error": str(exc)})
+        except (RedisError, RedisClusterException) as exc:
+            log.warning("audit records lost: Redis unavailable", extra={"records": len(records), "error": str(exc)})
 
     async def get(self, request_id: str) -> admin_pb2.AuditRecord | None:
         try:
             raw = await self._redis.get(_key(request_id))
-        except RedisError:
+        except (RedisError, RedisClusterException):
             raise SidecarError("SERVICE_UNAVAILABLE", "the audit store (Redis) is unavailable") from None
         if raw is None:
             return None

@@ -137,7 +137,10 @@ def test_bad_overrides_are_refused(pair: tuple[SidecarProc, BackendProc, Backend
         assert error_detail(failure.value).reason == reason
 
 
-def test_overrides_in_redis_are_shared_by_every_sidecar(launch: Launcher, tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("url_fixture", ["redis_url", "redis_cluster_url"])
+def test_overrides_in_redis_are_shared_by_every_sidecar(launch: Launcher, tmp_path: Path, url_fixture: str,
+                                                        request: pytest.FixtureRequest) -> None:
+    redis_url = request.getfixturevalue(url_fixture)  # one Valkey, or a 3-master cluster
     a, b = launch.backend(), launch.backend()
     model = f"chat-{uuid.uuid4().hex[:6]}"  # the hash is shared by the session's Valkey: own model name
 

@@ -1,7 +1,7 @@
 """Rate limits and budgets through the public gRPC interface, against both stores.
 
-Every test here runs twice: with `limits.store: memory` and with `limits.store: redis` on a real
-Valkey. Orgs carry a per-run suffix, so the two runs (and reruns against a shared $REDIS_URL)
+Every test here runs three times: with `limits.store: memory`, and with `limits.store: redis` on a
+real Valkey and on a real 3-master Redis Cluster. Orgs carry a per-run suffix, so the two runs (and reruns against a shared $REDIS_URL)
 never see each other's counters. Settlement of a call's reservation runs just after the call
 ends, so tests that depend on it leave it a moment (`SETTLE`).
 """
@@ -42,16 +42,16 @@ class Limited:
         return f"sk-{name}-{self.suffix}"
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
+@pytest.fixture(scope="module", params=["memory", "redis", "cluster"])
 def limited(request: pytest.FixtureRequest, backend: BackendProc,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Limited]:
-    store = request.param
+    store = "memory" if request.param == "memory" else "redis"
     suffix = uuid.uuid4().hex[:8]
     keys = "\n".join(f'    - {{id: {n}, sha256: "{hashlib.sha256(f"sk-{n}-{suffix}".encode()).hexdigest()}", '
                      f'org: {n}-{suffix}{", models: [embed*]" if n == "narrow" else ""}}}' for n in NAMES)
     # a generous timeout: a loaded CI machine must not push these tests into degraded mode
-    redis = (f"\n  redis_url: {request.getfixturevalue('redis_url')}\n  redis_timeout_ms: 2000"
-             if store == "redis" else "")
+    url = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(request.param)
+    redis = f"\n  redis_url: {request.getfixturevalue(url)}\n  redis_timeout_ms: 2000" if url else ""
     config = sidecar_config(f"""
         chat:
           backends: [{{name: a, address: "{backend.address}"}}]
@@ -268,7 +268,13 @@ def test_cost_budget_from_model_prices(limited: Limited) -> None:
 def test_readiness_shows_the_limit_store_and_decisions_are_timed(limited: Limited) -> None:
     with urllib.request.urlopen(f"{limited.sidecar.ops_url}/readyz", timeout=2) as response:
         body = json.loads(response.read())
-    assert body["components"]["limits"] == {"status": "ok", "store": limited.store}
+    limits = body["components"]["limits"]
+    if limited.store == "memory":
+        assert limits == {"status": "ok", "store": "memory"}
+    else:  # the sidecars sharing the store, as counted, and the share each takes while it is out
+        fleet = limits.pop("fleet")
+        assert fleet >= 1 and limits == {"status": "ok", "store": "redis", "share": round(1 / fleet, 6)}
+        assert metric(limited.sidecar, "api_router_limit_fleet_sidecars", {}) == fleet
     count = metric(limited.sidecar, "api_router_limit_decision_duration_seconds_count", {"store": limited.store})
     assert count >= 10
 

@@ -1,12 +1,19 @@
-"""The audit stores: memory keeps the newest `max_records`; Redis shares records with a TTL."""
+"""The audit stores: memory keeps the newest `max_records`; Redis (one Valkey or a 3-master
+cluster) shares records with a TTL, and on a cluster a dead node loses only its own records."""
 from __future__ import annotations
 
 import uuid
 
-import redis.asyncio as aioredis
+from pathlib import Path
+
+import pytest
+from redis.crc import key_slot
 from sidecar_client.sidecar.admin.v1 import admin_pb2
 
+from sidecar.errors import SidecarError
+from sidecar.redis_client import connect
 from sidecar.usage.audit import MemoryAudit, RedisAudit
+from tests.harness.redis_cluster import start_valkey_cluster
 
 
 async def test_memory_audit_keeps_the_newest() -> None:
@@ -17,20 +24,49 @@ async def test_memory_audit_keeps_the_newest() -> None:
     assert await store.get("r1") is None and (await store.get("r4")) == admin_pb2.AuditRecord(request_id="r4")
 
 
-async def test_redis_audit_is_shared_and_expires(redis_url: str) -> None:
-    writer = RedisAudit(aioredis.Redis.from_url(redis_url), ttl_seconds=60)
-    reader = RedisAudit(aioredis.Redis.from_url(redis_url), ttl_seconds=60)  # another sidecar
-    request_id = f"audit-{uuid.uuid4().hex}"
-    record = admin_pb2.AuditRecord(request_id=request_id, routing_decision="failover",
-                                   decisions=[admin_pb2.Decision(stage="route", result="failover", detail="b")])
+@pytest.mark.parametrize("url_fixture", ["redis_url", "redis_cluster_url"])
+async def test_redis_audit_is_shared_and_expires(url_fixture: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue(url_fixture)  # one Valkey, or a 3-master cluster
+    writer = RedisAudit(connect(url, 2.0, socket_timeout=2.0), ttl_seconds=60)
+    reader = RedisAudit(connect(url, 2.0, socket_timeout=2.0), ttl_seconds=60)  # another sidecar
+    request_ids = [f"audit-{uuid.uuid4().hex}" for _ in range(12)]  # on a cluster: spread over the nodes
+    records = [admin_pb2.AuditRecord(request_id=request_id, routing_decision="failover",
+                                     decisions=[admin_pb2.Decision(stage="route", result="failover", detail="b")])
+               for request_id in request_ids]
+    client = connect(url, 2.0, socket_timeout=2.0)
     try:
-        writer.put(record)
+        for record in records:
+            writer.put(record)
         await writer.flush()
-        assert await reader.get(request_id) == record
-        assert await reader.get("missing-" + request_id) is None
-        client = aioredis.Redis.from_url(redis_url)
-        assert 0 < await client.ttl(f"sidecar:audit:{request_id}") <= 60
-        await client.aclose()
+        assert [await reader.get(request_id) for request_id in request_ids] == records
+        assert await reader.get("missing-" + request_ids[0]) is None
+        for request_id in request_ids:
+            assert 0 < await client.ttl(f"sidecar:audit:{request_id}") <= 60
     finally:
+        await client.aclose()
         await writer.aclose()
         await reader.aclose()
+
+
+async def test_a_dead_cluster_node_loses_only_its_own_audit_records(tmp_path: Path) -> None:
+    cluster = start_valkey_cluster(tmp_path)
+    writer = RedisAudit(connect(cluster.url, 0.5, socket_timeout=0.5), ttl_seconds=60)
+    try:
+        request_ids = [f"audit-{uuid.uuid4().hex}" for _ in range(30)]
+        slots = {request_id: key_slot(f"sidecar:audit:{request_id}".encode()) for request_id in request_ids}
+        assert await writer.get(request_ids[0]) is None  # the writer has learned the slots
+        dead = {request_id for request_id, slot in slots.items() if cluster.owner_of_slot(slot) == 0}
+        cluster.kill(0)
+        for request_id in request_ids:
+            writer.put(admin_pb2.AuditRecord(request_id=request_id))
+        await writer.flush()
+        assert dead and len(dead) < len(request_ids)
+        for request_id in request_ids:
+            if request_id in dead:
+                with pytest.raises(SidecarError):
+                    await writer.get(request_id)
+            else:
+                assert await writer.get(request_id) == admin_pb2.AuditRecord(request_id=request_id)
+    finally:
+        await writer.aclose()
+        cluster.stop()

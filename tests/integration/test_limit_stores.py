@@ -1,7 +1,9 @@
-"""The limit stores' behaviour: one set of tests run against both the memory and the Redis store.
+"""The limit stores' behaviour: one set of tests run against the memory store, the Redis store on
+one Valkey, and the Redis store on a real 3-master Redis Cluster.
 
-The Redis store runs on a real Valkey (the session `redis_url`; every test uses its own org, so
-its keys are its own) and decides on the server's clock, which a test cannot move. So most rates
+The Redis store runs on a real Valkey (the session `redis_url`) or cluster (`redis_cluster_url`;
+every test uses its own org, so its keys are its own) and decides on the server's clock, which a
+test cannot move. So most rates
 here are SLOW (one unit per 1000 s: nothing refills during a test), and the one test about the
 length of a wait sleeps measured amounts with 50 ms bounds on both sides.
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from prometheus_client import REGISTRY
 from redis.crc import key_slot
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
@@ -45,10 +48,12 @@ from sidecar.limits.redis_store import (
     ScriptCall,
 )
 from sidecar.limits.store import Ask, LimitStore, StoreUnavailable, Verdict
+from sidecar.redis_client import connect as redis_client_for
 from sidecar.stages.limits import Limits, rates_of
 from tests.harness.procs import ManagedProcess
 from tests.harness.servers import start_valkey
 
+URL_FIXTURES = {"redis": "redis_url", "cluster": "redis_cluster_url"}
 SLOW = 0.001   # units per second: one per 1000 s, so nothing refills while a test runs
 TIMEOUT = 0.5  # the Redis store's timeout in the shared tests
 
@@ -67,13 +72,14 @@ def budget(org: str, name: str, limit: int) -> Budget:
     return Budget(f"org:{org}:{name}", limit, window, name.startswith("cost"))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[LimitStore]:
     limit_store: LimitStore
     if request.param == "memory":
         limit_store = MemoryLimitStore()
     else:
-        limit_store = RedisLimitStore(request.getfixturevalue("redis_url"), timeout=TIMEOUT)
+        limit_store = RedisLimitStore(request.getfixturevalue(URL_FIXTURES[request.param]), timeout=TIMEOUT)
+        await limit_store.start()
     try:
         yield limit_store
     finally:
@@ -336,9 +342,16 @@ async def test_concurrent_admits_never_exceed_the_burst(store: LimitStore) -> No
 # --- Redis only: scripts, slots, TTLs, counters ----------------------------------------------
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """One Valkey, then a 3-master cluster."""
+    return str(request.getfixturevalue(URL_FIXTURES[request.param]))
+
+
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+async def redis_client(any_redis_url: str) -> AsyncIterator[Any]:
+    """A client of the same Redis (a cluster client for a cluster: it follows the keys' slots)."""
+    client = redis_client_for(any_redis_url, 2.0, socket_timeout=2.0)
     try:
         yield client
     finally:
@@ -346,8 +359,9 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def redis_store(redis_url: str) -> AsyncIterator[RedisLimitStore]:
-    limit_store = RedisLimitStore(redis_url, timeout=TIMEOUT)
+async def redis_store(any_redis_url: str) -> AsyncIterator[RedisLimitStore]:
+    limit_store = RedisLimitStore(any_redis_url, timeout=TIMEOUT)
+    await limit_store.start()
     try:
         yield limit_store
     finally:
@@ -358,17 +372,23 @@ def sha1(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
+async def scripts_exist(client: Any, org: str, *sources: str) -> list[bool]:
+    """Whether the node holding `org`'s keys (the only one on a single Redis) has the scripts."""
+    where = {"target_nodes": client.get_node_from_key(f"{{{org}}}")} if isinstance(client, RedisCluster) else {}
+    return [bool(found) for found in await client.execute_command("SCRIPT EXISTS", *map(sha1, sources), **where)]
+
+
 async def test_scripts_are_loaded_again_after_script_flush(
         redis_store: RedisLimitStore, redis_client: aioredis.Redis) -> None:
     org = new_org()
     rate, day = Rate("requests", SLOW, 3), budget(org, "tokens_per_day", 1000)
     ask = Ask(org, (rate,), (1.0,), (day,), (100,))
     assert (await redis_store.admit(ask)).allowed
-    await redis_client.script_flush()
-    assert await redis_client.script_exists(sha1(ADMIT), sha1(SETTLE)) == [False, False]
-    assert (await redis_store.admit(ask)).allowed              # NOSCRIPT, loaded, repeated once
+    await redis_client.script_flush()                          # on a cluster: on every node
+    assert await scripts_exist(redis_client, org, ADMIT, SETTLE) == [False, False]
+    assert (await redis_store.admit(ask)).allowed              # NOSCRIPT, repeated once as EVAL
     await settled(redis_store, ask, (0.0,), (-100,))
-    assert await redis_client.script_exists(sha1(ADMIT), sha1(SETTLE)) == [True, True]
+    assert await scripts_exist(redis_client, org, ADMIT, SETTLE) == [True, True]
     # the state survived the flush and each call counted once: 2 requests, 100 tokens
     assert await redis_int(redis_client, ask.budget_key(0)) == 100
     assert [v.allowed for v in await admit_all(redis_store, ask, 2)] == [True, False]
@@ -723,9 +743,9 @@ async def queued_with_a_stall(store: RedisLimitStore, admission: Awaitable[Verdi
     Valkey busy for `seconds`. Returns (the admission, the stall's reply)."""
     caller = asyncio.ensure_future(admission)
     await asyncio.sleep(0)        # the admission queued its script; the batch is not taken yet
-    assert [call.script.source for call, _ in store._queue] == [ADMIT]
+    assert [call.script.source for call, _ in store._lanes[""].queue] == [ADMIT]
     stall = store._run(STALL, [], [int(seconds * 1000)])
-    assert [call.script.source for call, _ in store._queue] == [ADMIT, STALL.source]
+    assert [call.script.source for call, _ in store._lanes[""].queue] == [ADMIT, STALL.source]
     return caller, stall
 
 
@@ -779,7 +799,7 @@ async def test_a_decision_answered_as_its_caller_leaves_is_released(
         day = budget(org, "tokens_per_day", 1000)
         assert (await store.admit(Ask(org, (), (), (day,), (600,)))).allowed
         ask = Ask(org, (), (), (day,), (300,))
-        ahead = store._enqueue(ScriptCall(Script("return 1"), [], []))  # first in the next pipeline
+        ahead, _ = store._enqueue(ScriptCall(Script("return 1"), [], []))  # first in the next pipeline
         caller = asyncio.ensure_future(store.admit(ask))
         assert await ahead == 1     # answered just before the decision, in the same batch ...
         assert not caller.done()    # ... whose caller has its verdict waiting, unread
@@ -835,7 +855,7 @@ async def test_a_settlement_batch_that_failed_is_resent_and_applied_once(
         store.settle(late, (), (-200,))
         store._queue_settlements()                             # queued now, for the pipeline below
         stall = store._run(STALL, [], [int(STALL_SECONDS * 1000)])   # applied first, then Valkey stalls
-        assert [call.script.source for call, _ in store._queue] == [SETTLE, STALL.source]
+        assert [call.script.source for call, _ in store._lanes[""].queue] == [SETTLE, STALL.source]
         with pytest.raises(StoreUnavailable):
             await stall                                        # the whole pipeline timed out
         assert store.resends_pending == 1                      # the settlement, to be resent

@@ -1,0 +1,94 @@
+"""One Redis client for a `limits.redis_url`: a single server, or a Redis Cluster.
+
+The URL says which (`docs/operations/scale-out.md`):
+
+1. `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS), `unix:///path`: one server
+   (or a proxy in front of many, such as Envoy's redis proxy).
+2. `redis+cluster://[user:password@]host:port[,host:port...]`, `rediss+cluster://...`: a Redis
+   Cluster. Every listed node is a seed: the client learns the slots from whichever answers, and
+   follows MOVED and ASK as slots move. Keys of one org share a hash tag (`{org}`), so each script
+   and each pipeline touches one slot.
+
+Both clients come without retries: the limit store bounds a round trip by its own deadline and
+decides what a failure means; audit and overrides report a failure to their caller.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+DEFAULT_PORT = 6379
+
+Client = aioredis.Redis | RedisCluster
+
+
+def is_cluster(url: str) -> bool:
+    return url.split("://", 1)[0] in CLUSTER_SCHEMES
+
+
+def cluster_seeds(url: str) -> list[tuple[str, int]]:
+    """The `host:port` seeds of a cluster URL, in order; ValueError when one is malformed."""
+    netloc = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
+    seeds = []
+    for part in netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host:
+            host, port = port, str(DEFAULT_PORT)
+        host = host.strip("[]")  # [::1]:7000
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part.strip()!r} is not host:port")
+        seeds.append((host, int(port)))
+    return seeds
+
+
+def where(url: str) -> str:
+    """The URL without credentials, for logs and readiness."""
+    if is_cluster(url):
+        return "cluster " + ",".join(f"{host}:{port}" for host, port in cluster_seeds(url))
+    parsed = urlsplit(url)
+    return f"{parsed.hostname or parsed.path}:{parsed.port or ''}".rstrip(":")
+
+
+def connect(url: str, timeout: float, *, socket_timeout: float | None, max_connections: int = 8) -> Client:
+    """A client for `url`. Connecting never blocks here: the first command connects (a cluster
+    client learns its slots then, or at `initialize()`)."""
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout, "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0), "max_connections": max_connections,
+    }
+    if not is_cluster(url):
+        pool = aioredis.ConnectionPool.from_url(url, health_check_interval=0, **options)
+        return aioredis.Redis(connection_pool=pool)
+    scheme, rest = url.split("://", 1)
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+    username, _, password = userinfo.partition(":")
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster_seeds(url)],
+        username=unquote(username) or None, password=unquote(password) or None,
+        ssl=scheme == "rediss+cluster",
+        # one slot's MOVED patches that slot; a topology refresh only when the store asks for one
+        reinitialize_steps=0, **options)
+
+
+def by_node(client: Client, keys: list[str]) -> list[list[int]]:
+    """The indexes of `keys`, grouped by the node that owns them (one group for a single Redis,
+    or while a cluster's slots are unknown): one pipeline per group, so that a dead node fails
+    only its own keys' commands."""
+    if not isinstance(client, RedisCluster):
+        return [list(range(len(keys)))]
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        try:
+            node = client.nodes_manager.get_node_from_slot(key_slot(key.encode())).name
+        except RedisClusterException:
+            node = ""
+        groups.setdefault(node, []).append(i)
+    return list(groups.values())
