@@ -1,11 +1,14 @@
 """Accuracy of shared rate limits and budgets: K sidecars, one Valkey, C callers hammering.
 
     .venv/bin/python bench/accuracy.py                                    # full size: 4 sidecars, 64 callers
+    .venv/bin/python bench/accuracy.py --cluster                          # the same on a 3-master Redis Cluster
     .venv/bin/python bench/accuracy.py --sidecars 2 --callers 16 --seconds 3 --output out.json
 
 Starts a Valkey (or uses $REDIS_URL), demo backends and K `sidecar run` processes that share it
 (`limits.store: redis`), then two phases, each on an org of its own, with callers in separate
-worker processes (bench/accuracy_load.py):
+worker processes (bench/accuracy_load.py). With `--cluster` the store is a Redis Cluster of
+three valkey-server masters instead (tests/harness/redis_cluster.py), or $REDIS_CLUSTER_URL, and
+the sidecars get `limits.redis_url: redis+cluster://...`.
 
 1. rate: an org with requests_per_minute R and burst B; how many calls were admitted compared
    with what GCRA allows in the measured window;
@@ -35,11 +38,13 @@ from accuracy_stack import (
     MODEL,
     Caller,
     Stack,
+    cluster_server,
     flush_db,
     read_int,
     redis_server,
     scrape_limit_metrics,
     sidecar_config,
+    slot_owners,
     start_backends,
     start_sidecars,
 )
@@ -54,6 +59,8 @@ BUDGET_WORD = "accountability"  # 15 bytes with its space: 3.75 estimated input 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sidecars", type=int, default=4, help="sidecar processes sharing one Redis (4)")
+    p.add_argument("--cluster", action="store_true",
+                   help="share a Redis Cluster (3 masters started here, or $REDIS_CLUSTER_URL) instead of one Valkey")
     p.add_argument("--callers", type=int, default=64, help="concurrent callers, round-robin over sidecars (64)")
     p.add_argument("--workers", type=int, default=2, help="caller processes the callers are spread over (2)")
     p.add_argument("--backends", type=int, default=1, help="demo backends (1)")
@@ -84,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def orgs_and_keys(external_redis: bool) -> dict[str, Caller]:
-    """The three API keys; with a shared $REDIS_URL the orgs get a per-run suffix instead of FLUSHDB."""
+    """The three API keys; with a shared $REDIS_URL (or $REDIS_CLUSTER_URL) the orgs get a per-run
+    suffix instead of FLUSHDB."""
     suffix = f"-{os.urandom(3).hex()}" if external_redis else ""
     return {phase: Caller(f"{phase}-key", f"accuracy-{phase}-secret-{os.urandom(8).hex()}", f"{phase}-org{suffix}")
             for phase in ("rate", "budget", "warm")}
@@ -189,7 +197,7 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 async def accuracy(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
-    url = await redis_server(stack)
+    url = cluster_server(stack) if args.cluster else await redis_server(stack)
     keys = orgs_and_keys(external_redis=not stack.owns_redis)
     if stack.owns_redis:
         flush_db(url)
@@ -205,8 +213,10 @@ async def accuracy(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     rate = await rate_phase(args, stack, keys)
     budget = await budget_phase(args, stack, keys)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"settings": {**settings, "redis": "external" if not stack.owns_redis else "valkey (started)",
-                         "orgs": {k: v.org for k, v in keys.items()}},
+    orgs = {k: v.org for k, v in keys.items()}
+    # on a cluster: the master that owns each org's slot (every key of an org carries it as hash tag)
+    owners = slot_owners(url, list(orgs.values()))
+    return {"settings": {**settings, "redis": stack.store, "orgs": orgs, **({"org_nodes": owners} if owners else {})},
             "rate": rate, "budget": budget, "seconds": round(time.monotonic() - started, 1)}
 
 

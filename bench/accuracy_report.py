@@ -133,6 +133,8 @@ def render(summary: dict[str, Any], results: list[Check]) -> str:
     lines = [
         (f"accuracy: {s['sidecars']} sidecars, {s['callers']} callers in {s['workers']} processes, "
         f"{s['backends']} backend(s), redis: {s['redis']}; {summary['seconds']} s"),
+        *([("  slots        " + ", ".join(f"{org} on {node}" for org, node in s["org_nodes"].items()))]
+          if s.get("org_nodes") else []),
         "",
         (f"rate phase: requests_per_minute {r['requests_per_minute']:g}, burst {r['burst']}, "
         f"{s['seconds']:g} s + {s['tail_seconds']:g} s tail"),

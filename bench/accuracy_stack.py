@@ -1,8 +1,10 @@
-"""The processes of the accuracy harness: one Valkey (or $REDIS_URL), demo backends, K sidecars.
+"""The processes of the accuracy harness: one Valkey (or $REDIS_URL), or a 3-master Redis Cluster
+(or $REDIS_CLUSTER_URL), demo backends, K sidecars.
 
-Every sidecar gets its own config file and free ports, and all of them share one Redis through
-`limits.store: redis`. Everything started here is stopped by pid (`Stack.stop_all`), also after
-an error or Ctrl-C. `decision.py` uses `redis_server` from here too.
+Every sidecar gets its own config file and free ports, and all of them share one Redis (or one
+cluster) through `limits.store: redis`. Everything started here is stopped by pid
+(`Stack.stop_all`), also after an error or Ctrl-C. `decision.py` uses `redis_server` and
+`cluster_server` from here too.
 """
 from __future__ import annotations
 
@@ -13,16 +15,23 @@ import re
 import sys
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import redis
+import redis.cluster
 import yaml
 from procs import Proc, free_port, loopback, start, stop, wait_serving
 
+from sidecar.redis_client import cluster_seeds, is_cluster
+
 MODEL = "chat"
 START_ATTEMPTS = 3  # a free port can be taken between probing and binding: retry on another
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_MASTERS = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,9 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     redis_url: str = ""
     owns_redis: bool = False
+    store: str = ""                                      # which store ran, for the JSON settings
+    # run after every process is stopped (the store outlives the sidecars that flush into it)
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
     sidecars: list[str] = field(default_factory=list)   # inference listen addresses
     ops: list[str] = field(default_factory=list)        # ops_listen addresses (/metrics)
@@ -55,9 +67,12 @@ class Stack:
         return proc
 
     def stop_all(self) -> None:
-        """Stops every process by pid (SIGTERM, SIGKILL after 5 s); safe to call twice."""
+        """Stops every process by pid (SIGTERM, SIGKILL after 5 s), then runs the cleanups (the
+        cluster's nodes, also stopped by pid); safe to call twice."""
         for proc in reversed(self.procs):
             stop(proc)
+        while self.cleanups:
+            self.cleanups.pop()()
 
 
 def sidecar_argv(*args: str) -> list[str]:
@@ -99,7 +114,7 @@ async def redis_server(stack: Stack) -> str:
     """$REDIS_URL if set, else a throwaway Valkey (no persistence) on a free loopback port."""
     external = os.environ.get("REDIS_URL")
     if external:
-        stack.redis_url, stack.owns_redis = external, False
+        stack.redis_url, stack.owns_redis, stack.store = external, False, "external"
         return external
     for _ in range(START_ATTEMPTS):
         port = free_port()
@@ -108,21 +123,74 @@ async def redis_server(stack: Stack) -> str:
             "--dir", str(stack.log_dir)], stack.log_dir))
         url = f"redis://127.0.0.1:{port}/0"
         if await _wait_ping(proc, url):
-            stack.redis_url, stack.owns_redis = url, True
+            stack.redis_url, stack.owns_redis, stack.store = url, True, "valkey (started)"
             return url
         stop(proc)
     raise RuntimeError(f"valkey did not start after {START_ATTEMPTS} attempts; logs in {stack.log_dir}")
 
 
+def cluster_server(stack: Stack) -> str:
+    """$REDIS_CLUSTER_URL if set (`redis+cluster://host:port,...`), else a throwaway Redis Cluster
+    of CLUSTER_MASTERS valkey-server masters on free loopback ports; returns its URL.
+
+    The cluster is the test suite's harness (tests/harness/redis_cluster.py), not a copy of it:
+    the repository root goes on sys.path so that `tests.harness` imports from a bench script.
+    Its nodes run in sessions of their own (Ctrl-C does not reach them), so they are stopped by
+    pid through `stack.cleanups`; nodes of a start that failed halfway are stopped here. (The
+    harness's atexit hook would SIGKILL any left over, by pid too.) Blocking: a couple of seconds."""
+    external = os.environ.get("REDIS_CLUSTER_URL")
+    if external:
+        if not is_cluster(external):
+            raise ValueError("$REDIS_CLUSTER_URL must be redis+cluster://host:port[,host:port...]")
+        stack.redis_url, stack.owns_redis, stack.store = external, False, "external"
+        return external
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # tests.harness.redis_cluster: the harness the tests use
+    from tests.harness.procs import live_processes
+    from tests.harness.redis_cluster import start_valkey_cluster
+
+    before = set(live_processes())
+    try:
+        cluster = start_valkey_cluster(stack.log_dir / "cluster", masters=CLUSTER_MASTERS)
+    except BaseException:
+        for node in set(live_processes()) - before:  # nodes this failed start left running
+            node.kill()
+        raise
+    stack.cleanups.append(cluster.stop)
+    stack.redis_url, stack.owns_redis = cluster.url, True
+    stack.store = f"cluster (started, {CLUSTER_MASTERS} masters)"
+    return cluster.url
+
+
+def sync_client(url: str) -> redis.Redis | redis.cluster.RedisCluster:
+    """A blocking client for `url`: a cluster client for `redis+cluster://` (a plain client of
+    one node gets MOVED for the keys other nodes own), else a plain one."""
+    if not is_cluster(url):
+        return redis.Redis.from_url(url)
+    scheme, rest = url.split("://", 1)
+    username, _, password = rest.split("/", 1)[0].rpartition("@")[0].partition(":")
+    return redis.cluster.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in cluster_seeds(url)],
+        username=unquote(username) or None, password=unquote(password) or None, ssl=scheme == "rediss+cluster")
+
+
 def flush_db(url: str) -> None:
-    with redis.Redis.from_url(url) as client:
-        client.flushdb()
+    with sync_client(url) as client:
+        client.flushdb()  # on a cluster: every master
 
 
 def read_int(url: str, key: str) -> int | None:
-    with redis.Redis.from_url(url) as client:
+    with sync_client(url) as client:
         value = client.get(key)
     return None if value is None else int(value)
+
+
+def slot_owners(url: str, orgs: list[str]) -> dict[str, str]:
+    """On a cluster: the node (host:port) that owns each org's keys (hash tag `{org}`)."""
+    with sync_client(url) as client:
+        if not isinstance(client, redis.cluster.RedisCluster):
+            return {}
+        return {org: client.get_node_from_key(f"sidecar:rl:{{{org}}}").name for org in orgs}
 
 
 # --------------------------------------------------------------------------- config

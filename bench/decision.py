@@ -1,18 +1,21 @@
 """Latency of one admission decision, in process: auth + model + rate limits + budget, and the settle.
 
     .venv/bin/python bench/decision.py                      # 5000 decisions per store
+    .venv/bin/python bench/decision.py --cluster            # and on a 3-master Redis Cluster
     .venv/bin/python bench/decision.py --decisions 300 --output out.json
 
 Runs the sidecar's real stages (`Authenticate`, `ResolveModel`, `Limits`) on a `Call` built as the
 server builds it (`begin_call`, `parse`), with the limit store `sidecar.app.limit_store()` builds
 from a parsed config: `RedisLimitStore` behind `GuardedStore` against Valkey on loopback (started
-here, or $REDIS_URL), then the same with `limits.store: memory`. Every decision passes an org
-request rate, an org token rate, a key request rate and a token budget, all too large to deny.
+here, or $REDIS_URL), with `--cluster` then against a Redis Cluster of three valkey-server masters
+(`redis+cluster://`, tests/harness/redis_cluster.py, or $REDIS_CLUSTER_URL), then the same with
+`limits.store: memory`. Every decision passes an org request rate, an org token rate, a key
+request rate and a token budget, all too large to deny.
 After each decision `Limits.finish` settles the reservation (a spawned task, awaited here) and is
 timed separately: `finish()` itself (what the call pays: the correction is queued) and
 `finish()` + `await store.flush()` (the store round trip that applies it; the server flushes a
-few ms later, batched). At the end the budget counter in Valkey must equal the usage settled.
-Sequential, on uvloop like `sidecar run`, GC on as in production.
+few ms later, batched). At the end the budget counter in Valkey (and in the cluster) must equal
+the usage settled. Sequential, on uvloop like `sidecar run`, GC on as in production.
 See bench/README.md, "Accuracy of limits and budgets".
 """
 from __future__ import annotations
@@ -27,12 +30,14 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import redis
-from accuracy_stack import Stack, read_int, redis_server
+from accuracy_stack import Stack, cluster_server, read_int, redis_server, slot_owners, sync_client
+from procs import cancel_on_sigterm
+from redis.cluster import RedisCluster
 from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferResponse, Usage
 
 from sidecar.app import limit_store
@@ -51,6 +56,7 @@ MODEL = "chat"
 
 
 def config_text(store: str, redis_url: str, org: str) -> str:
+    """`store` is `limits.store` (redis: a single server or a cluster, as `redis_url` says)."""
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     redis_line = f"  redis_url: {redis_url}\n" if store == "redis" else ""
     return f"""
@@ -132,43 +138,75 @@ async def measure(config: Config, decisions: int, warmup: int) -> dict[str, Any]
 
 
 def cleanup_keys(url: str, org: str) -> None:
-    """With a shared $REDIS_URL: delete this run's keys (the org name is unique to the run)."""
-    with redis.Redis.from_url(url) as client:
-        keys = list(client.scan_iter(match=f"sidecar:*{{{org}}}*"))
+    """With a shared $REDIS_URL (or $REDIS_CLUSTER_URL): delete this run's keys (the org name is
+    unique to the run; on a cluster they all sit in the org's slot)."""
+    with sync_client(url) as client:
+        keys = list(client.scan_iter(match=f"sidecar:*{{{org}}}*"))  # on a cluster: every master
         if keys:
             client.delete(*keys)
 
 
+def server_version(url: str) -> str | None:
+    with sync_client(url) as client:
+        if isinstance(client, RedisCluster):
+            server = client.info("server", target_nodes=RedisCluster.RANDOM)
+        else:
+            server = client.info("server")
+    version = server.get("valkey_version") or server.get("redis_version")
+    return None if version is None else str(version)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A Redis-backed store of the run: where it is, and what ran (for the JSON settings)."""
+
+    url: str
+    what: str   # "valkey (started)", "cluster (started, 3 masters)", "external"
+    owned: bool
+
+
 async def bench(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    backends: dict[str, Backend] = {}
     url = await redis_server(stack)
+    backends["redis"] = Backend(url, stack.store, stack.owns_redis)
+    if args.cluster:
+        url = cluster_server(stack)
+        backends["cluster"] = Backend(url, stack.store, stack.owns_redis)
     org = f"bench-org-{os.urandom(3).hex()}"
     results: dict[str, Any] = {}
     try:
-        for store in ("redis", "memory"):
-            results[store] = await measure(parse_config(config_text(store, url, org)), args.decisions, args.warmup)
-        # every settle really reached Valkey: the budget holds exactly the usage reported
+        for name in (*backends, "memory"):
+            config = config_text("redis", backends[name].url, org) if name in backends else config_text(name, "", org)
+            results[name] = await measure(parse_config(config), args.decisions, args.warmup)
+        # every settle really reached the store: the budget holds exactly the usage reported
         key = f"sidecar:budget:{{{org}}}:org:{org}:tokens_per_day:{datetime.now(UTC):%Y-%m-%d}"
-        results["redis"]["store_counter"] = counter = read_int(url, key)
-        if counter != results["redis"]["settled_tokens"]:
-            raise RuntimeError(f"{key} = {counter}, expected {results['redis']['settled_tokens']} settled tokens")
+        for name, backend in backends.items():
+            results[name]["store_counter"] = counter = read_int(backend.url, key)
+            if counter != results[name]["settled_tokens"]:
+                raise RuntimeError(f"{name}: {key} = {counter}, expected {results[name]['settled_tokens']} "
+                                   "settled tokens")
     finally:
-        if not stack.owns_redis:
-            cleanup_keys(url, org)
-    with redis.Redis.from_url(url) as client:
-        server = client.info("server")
-    return {"settings": {"decisions": args.decisions, "warmup": args.warmup,
-                         "redis": "external" if not stack.owns_redis else "valkey (started)",
-                         "redis_version": server.get("valkey_version") or server.get("redis_version")},
+        for backend in backends.values():
+            if not backend.owned:
+                cleanup_keys(backend.url, org)
+    settings: dict[str, Any] = {"decisions": args.decisions, "warmup": args.warmup}
+    for name, backend in backends.items():
+        settings[name] = backend.what
+        settings[f"{name}_version"] = server_version(backend.url)
+    if "cluster" in backends:
+        settings["cluster_org_node"] = slot_owners(backends["cluster"].url, [org])[org]
+    met = {name: results[name]["decision_us"]["p99"] <= TARGET_P99_US for name in backends}
+    return {"settings": settings,
             "environment": {"python": platform.python_version(), "loop": type(asyncio.get_running_loop()).__module__,
                             "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
-            "stores": results, "target_p99_us": TARGET_P99_US,
-            "met": results["redis"]["decision_us"]["p99"] <= TARGET_P99_US}
+            "stores": results, "target_p99_us": TARGET_P99_US, "met_by_store": met, "met": all(met.values())}
 
 
 def render(report: dict[str, Any]) -> str:
     s, env = report["settings"], report["environment"]
+    stores = ", ".join(f"{name} {s[name + '_version']} ({s[name]})" for name in report["met_by_store"])
     lines = [(f"decision latency, µs: {s['decisions']} sequential decisions per store after {s['warmup']} warm-up; "
-             f"{env['loop']} loop, redis {s['redis_version']} ({s['redis']}), load avg {env['load_avg'][0]:.2f}"),
+             f"{env['loop']} loop, {stores}, load avg {env['load_avg'][0]:.2f}"),
              (f"{'store':<8}{'decision p50':>13}{'p90':>7}{'p99':>7}{'max':>8}"
               f"{'limits p50':>12}{'p99':>7}{'finish p50':>12}{'p99':>7}{'settle p50':>12}{'p99':>7}")]
     for name, r in report["stores"].items():
@@ -176,9 +214,10 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"{name:<8}{d['p50']:>13.1f}{d['p90']:>7.1f}{d['p99']:>7.1f}{d['max']:>8.1f}"
                      f"{st['p50']:>12.1f}{st['p99']:>7.1f}{fi['p50']:>12.1f}{fi['p99']:>7.1f}"
                      f"{se['p50']:>12.1f}{se['p99']:>7.1f}")
-    p99 = report["stores"]["redis"]["decision_us"]["p99"]
-    verdict = "within" if report["met"] else "OVER"
-    lines.append(f"redis decision p99 {p99:.1f} µs -> {verdict} the {TARGET_P99_US:.0f} µs target")
+    for name, met in report["met_by_store"].items():
+        p99 = report["stores"][name]["decision_us"]["p99"]
+        lines.append(f"{name} decision p99 {p99:.1f} µs -> {'within' if met else 'OVER'} the "
+                     f"{TARGET_P99_US:.0f} µs target")
     return "\n".join(lines)
 
 
@@ -186,8 +225,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decisions", type=int, default=5000, help="measured decisions per store (5000)")
     p.add_argument("--warmup", type=int, default=500, help="decisions before measuring, per store (500)")
+    p.add_argument("--cluster", action="store_true",
+                   help="also measure a Redis Cluster (3 masters started here, or $REDIS_CLUSTER_URL)")
     p.add_argument("--output", type=Path, help="write the JSON report here")
-    p.add_argument("--check", action="store_true", help=f"exit 1 when the redis p99 is over {TARGET_P99_US:.0f} µs")
+    p.add_argument("--check", action="store_true",
+                   help=f"exit 1 when the redis (or cluster) p99 is over {TARGET_P99_US:.0f} µs")
     args = p.parse_args(argv)
     if args.decisions < 1 or args.warmup < 0:
         p.error("--decisions must be >= 1 and --warmup >= 0")
@@ -199,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(log_dir=Path(tempfile.mkdtemp(prefix="sidecar-decision-")))
 
     async def run() -> dict[str, Any]:
+        cancel_on_sigterm()  # SIGTERM cancels like Ctrl-C, so the processes are stopped below
         return await bench(args, stack)
 
     try:
         report = run_async(run)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         return 130
     finally:

@@ -1,13 +1,15 @@
 """Shared limits stay accurate across sidecars: bench/accuracy.py at CI size, judged on its targets.
 
-Two sidecars share one Valkey; 16 callers in separate processes hammer them. The harness exits
-0 only when every target is met; the JSON numbers are checked here again, against the same
-targets and with no extra slack, so that a harness bug in the verdict cannot hide a miss.
+Two sidecars share one Valkey, or a 3-master Redis Cluster (`--cluster`, `redis+cluster://`);
+16 callers in separate processes hammer them. The harness exits 0 only when every target is met;
+the JSON numbers are checked here again, against the same targets and with no extra slack, so
+that a harness bug in the verdict cannot hide a miss.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +21,24 @@ BUDGET_WORD = "accountability"  # as bench/accuracy.py
 
 
 @pytest.mark.slow
-def test_rate_limits_and_budgets_hold_across_sidecars(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("options", "external", "started"), [
+    ([], "REDIS_URL", "valkey (started)"),
+    (["--cluster"], "REDIS_CLUSTER_URL", "cluster (started, 3 masters)"),
+], ids=["valkey", "cluster"])
+def test_rate_limits_and_budgets_hold_across_sidecars(tmp_path: Path, options: list[str], external: str,
+                                                      started: str) -> None:
     out = tmp_path / "accuracy.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), "--sidecars", "2",
-                             "--callers", "16", "--seconds", "3", "--output", str(out)],
+                             "--callers", "16", "--seconds", "3", *options, "--output", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     report = result.stdout[-4000:] + result.stderr[-3000:]
     assert result.returncode == 0, report
     summary = json.loads(out.read_text())
     settings, rate, budget = summary["settings"], summary["rate"], summary["budget"]
+    # the store that ran: the harness's own (a cluster: 3 masters), or the one the environment names
+    assert settings["redis"] == ("external" if os.environ.get(external) else started), report
+    if settings["cluster"]:  # the master each org's keys live on ({org} hash tag: one slot per org)
+        assert set(settings["org_nodes"]) == set(settings["orgs"].values()), report
     assert summary["passed"] and all(c["ok"] for c in summary["checks"]), report
 
     # rate: demand exceeded the limit, and admitted = allowed within 1 % either way

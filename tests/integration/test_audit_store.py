@@ -3,7 +3,6 @@ cluster) shares records with a TTL, and on a cluster a dead node loses only its 
 from __future__ import annotations
 
 import uuid
-
 from pathlib import Path
 
 import pytest

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from prometheus_client import REGISTRY
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
