@@ -39,12 +39,11 @@ def cluster_seeds(url: str) -> list[tuple[str, int]]:
     netloc = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
     seeds = []
     for part in netloc.split(","):
-        host, _, port = part.strip().rpartition(":")
-        if not host:
-            host, port = port, str(DEFAULT_PORT)
+        part = part.strip()
+        host, _, port = part.rpartition(":") if ":" in part else (part, "", str(DEFAULT_PORT))
         host = host.strip("[]")  # [::1]:7000
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{part.strip()!r} is not host:port")
+            raise ValueError(f"{part!r} is not host:port")
         seeds.append((host, int(port)))
     return seeds
 

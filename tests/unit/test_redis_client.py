@@ -1,0 +1,37 @@
+"""`limits.redis_url` forms: one server, or a cluster's seeds (`redis+cluster://a:1,b:2`)."""
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from sidecar.redis_client import cluster_seeds, connect, is_cluster, where
+
+
+@pytest.mark.parametrize(("url", "seeds"), [
+    ("redis+cluster://10.0.0.1:7000", [("10.0.0.1", 7000)]),
+    ("redis+cluster://a:7000,b:7001, c:7002/", [("a", 7000), ("b", 7001), ("c", 7002)]),
+    ("rediss+cluster://user:p%40ss@a:7000,b", [("a", 7000), ("b", 6379)]),
+    ("redis+cluster://[::1]:7000", [("::1", 7000)]),
+])
+def test_cluster_seeds(url: str, seeds: list[tuple[str, int]]) -> None:
+    assert is_cluster(url) and cluster_seeds(url) == seeds
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://a:0", "redis+cluster://a:x", "redis+cluster://:7000,b:1"])
+def test_malformed_seeds_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="is not host:port"):
+        cluster_seeds(url)
+
+
+async def test_the_url_chooses_the_client_and_logs_no_password() -> None:
+    single = connect("redis://:secret@127.0.0.1:6390/0", 0.1, socket_timeout=None)
+    cluster = connect("rediss+cluster://user:secret@127.0.0.1:7000,127.0.0.1:7001", 0.1, socket_timeout=None)
+    try:
+        assert isinstance(single, Redis) and isinstance(cluster, RedisCluster)
+        assert where("redis://:secret@127.0.0.1:6390/0") == "127.0.0.1:6390"
+        assert where("rediss+cluster://user:secret@h1:7000,h2:7001") == "cluster h1:7000,h2:7001"
+        assert not is_cluster("redis://h:1") and not is_cluster("unix:///tmp/redis.sock")
+    finally:
+        await single.aclose()
+        await cluster.aclose()
