@@ -22,7 +22,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, RedisError
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
@@ -56,6 +56,29 @@ def where(url: str) -> str:
     return f"{parsed.hostname or parsed.path}:{parsed.port or ''}".rstrip(":")
 
 
+class SeededCluster(RedisCluster):
+    """A cluster client that can start while a master is down.
+
+    redis-py reads the command table (COMMAND) from the first master of the slot map during its
+    first topology refresh, and gives up when that master does not answer: a sidecar started
+    while that one master is down would then fail every command on every node. Here the table is
+    read first from whichever seed answers."""
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> SeededCluster:
+        if not self.commands_parser.commands:
+            for seed in list(self.nodes_manager.startup_nodes.values()):
+                node = ClusterNode(seed.host, seed.port, **self.nodes_manager.connection_kwargs)
+                try:
+                    await self.commands_parser.initialize(node)
+                    break
+                except (RedisError, OSError):
+                    continue
+                finally:
+                    await node.disconnect()
+        await super().initialize(*args, **kwargs)
+        return self
+
+
 def connect(url: str, timeout: float, *, socket_timeout: float | None, max_connections: int = 8) -> Client:
     """A client for `url`. Connecting never blocks here: the first command connects (a cluster
     client learns its slots then, or at `initialize()`)."""
@@ -69,7 +92,7 @@ def connect(url: str, timeout: float, *, socket_timeout: float | None, max_conne
     scheme, rest = url.split("://", 1)
     userinfo = rest.split("/", 1)[0].rpartition("@")[0]
     username, _, password = userinfo.partition(":")
-    return RedisCluster(
+    return SeededCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_seeds(url)],
         username=unquote(username) or None, password=unquote(password) or None,
         ssl=scheme == "rediss+cluster",

@@ -162,10 +162,24 @@ class RedisLimitStore:
                 if self._cluster is not None:
                     await self._cluster.initialize()
                 sent = self._wall()
-                seconds, micros = await self._redis.time()
+                seconds, micros = await self._time()
                 self._offset = seconds + micros / 1e6 - (sent + self._wall()) / 2
         except (RedisError, RedisClusterException, OSError, TimeoutError):
             log.warning("limit store: Redis's clock is unknown until its first decision", extra={"store": repr(self)})
+
+    async def _time(self) -> tuple[int, int]:
+        """Redis's TIME; on a cluster, from the first master that answers."""
+        if self._cluster is None:
+            seconds, micros = await self._redis.time()
+            return int(seconds), int(micros)
+        error: Exception = RedisClusterException("the cluster has no master")
+        for node in self._cluster.get_primaries():
+            try:
+                seconds, micros = await self._cluster.execute_command("TIME", target_nodes=node)
+                return int(seconds), int(micros)
+            except (RedisError, OSError) as exc:
+                error = exc
+        raise error
 
     async def heartbeat(self, ttl: float) -> int:
         """Registers this store for `ttl` seconds among the sidecars sharing Redis and returns how

@@ -194,3 +194,21 @@ async def test_expired_markers_are_forgotten_as_decisions_go(
         await client.aclose()
         await store.aclose()
 
+
+
+async def test_a_store_started_while_a_master_is_down_serves_the_other_masters(cluster: ValkeyCluster) -> None:
+    """A sidecar (re)started during a master's outage: the first master of the slot map, the one
+    redis-py would read its command table from, is the dead one. Only its orgs fail."""
+    orgs = orgs_by_node(cluster, 2)
+    cluster.kill(0)
+    store = RedisLimitStore(cluster.url, timeout=TIMEOUT)
+    try:
+        await store.start()
+        assert store.wall() == pytest.approx(time.time(), abs=1.0)  # the clock, from a live master
+        for org in orgs[1] + orgs[2]:
+            assert (await store.admit(ask_of(org, 10))).allowed
+        for org in orgs[0]:
+            with pytest.raises(StoreUnavailable):
+                await store.admit(ask_of(org, 10))
+    finally:
+        await store.aclose()
