@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # System tools the test suite drives (real tools, not stand-ins), installed from Debian when
 # missing: h2load (nghttp2-client) for the bench smoke tests; promtool (prometheus) and amtool
-# (prometheus-alertmanager) for the alert-rule, Alertmanager and dashboard tests. Idempotent: a
-# machine that has them does nothing. Needs root (or sudo) only when something is missing.
+# (prometheus-alertmanager) for the alert-rule, Alertmanager and dashboard tests; etcd
+# (etcd-server) for the etcd config-source and fleet tests. Idempotent: a machine that has them
+# does nothing. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 declare -A PACKAGE_OF=(
   [h2load]=nghttp2-client
   [promtool]=prometheus
   [amtool]=prometheus-alertmanager
+  [etcd]=etcd-server
 )
 
 missing=()

@@ -13,7 +13,9 @@ that need a restart are refused, before anything changes; a valid config is swap
 synchronous step on the event loop (calls already admitted finish under the old one), channels
 and health checks follow its backends, and removed backends' channels drain. An invalid one is
 logged (`config reload rejected`, one key path per problem) and the old config keeps serving.
-Counted in `api_router_config_reloads_total{result}`.
+Counted in `api_router_config_reloads_total{result}`. With an etcd config source
+(config_etcd.py) each new revision of the key takes the same path (`offer_config`), and SIGHUP
+reads the key again.
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
 from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
-from sidecar.config import Config, ConfigError
+from sidecar import redis_client
+from sidecar.config import Config, ConfigError, config_text
+from sidecar.config_etcd import EtcdConfigSource, file_source_component
 from sidecar.limits.guarded import GuardedStore
 from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.limits.redis_store import RedisLimitStore
@@ -82,10 +85,13 @@ class Listeners:
 
 
 class Sidecar:
-    def __init__(self, config: Config, version: str, config_path: str | Path | None = None) -> None:
+    def __init__(self, config: Config, version: str, config_path: str | Path | None = None,
+                 config_source: EtcdConfigSource | None = None) -> None:
         self.config = config
         self.config_path = config_path  # what reloads read; None: no reloads (e.g. `sidecar demo`)
+        self.config_source = config_source  # etcd: new revisions are offered (`offer_config`)
         self._rejected_version: str | None = None  # the file's last rejected content
+        self._rejected_problems: list[str] = []    # and why
         self._reload_turn = asyncio.Lock()                # reloads run one at a time
         self._queued: asyncio.Task[str] | None = None     # a reload waiting for its turn,
         self._queued_trigger = "signal"                   # and its trigger
@@ -108,11 +114,13 @@ class Sidecar:
         if config.overrides.store == "redis":
             assert config.limits.redis_url is not None  # validated
             timeout = config.limits.redis_timeout_ms / 1000.0
-            self.router.overrides.redis = aioredis.Redis.from_url(
-                config.limits.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+            self.router.overrides.redis = redis_client.connect(config.limits.redis_url, timeout,
+                                                               socket_timeout=timeout)
         self.health.backends_ok = self.router.any_routable
         self.health.components_from["backends"] = self.router.component
         self.health.components_from["calls"] = lambda: {"status": "ok", "in_flight": self.in_flight.count}
+        self.health.components_from["config_source"] = (
+            config_source.component if config_source is not None else file_source_component(config_path))
         self.limit_store = limit_store(config)
         self.health.components_from["limits"] = self.limit_store.component
         self.usage = usage_sink(config)
@@ -174,6 +182,8 @@ class Sidecar:
         self.health_checker.start()
         if self.config_path is not None:
             self.tasks.spawn(watch_file(self.config_path, lambda: self.reload("file")), name="config-watch")
+        if self.config_source is not None:
+            self.tasks.spawn(self.config_source.run(self.offer_config), name="config-source")
         if self.tracer.enabled:
             self.tasks.spawn(self.tracer.run(), name="trace-export")
         await self.health.mark_started()
@@ -196,7 +206,9 @@ class Sidecar:
             log.warning("grace period over; cancelling calls", extra={"in_flight": self.in_flight.count})
         await asyncio.gather(self._server.stop(None), self._admin.stop(None))
         await self.health_checker.aclose()
-        await self.tasks.aclose(timeout=0)  # readiness pushes and the overrides sync
+        await self.tasks.aclose(timeout=0)  # readiness pushes, the overrides sync, the config source
+        if self.config_source is not None:
+            await self.config_source.aclose()
         if self.router.overrides.redis is not None:
             await self.router.overrides.redis.aclose()
         await self.limit_store.aclose()  # sends the settlements of the calls that just ended
@@ -228,7 +240,9 @@ class Sidecar:
         the event loop, in one synchronous step, so no call sees half of one. Reloads run one at
         a time; triggers while one runs make one more reload (SIGHUP's trigger wins), which reads
         the file as it is then. Returns that reload's task (its result: what it counted, or
-        `ignored`), or None when ignored at once."""
+        `ignored`), or None when ignored at once. With an etcd source, reads the key again."""
+        if self.config_source is not None and self.health.started and not self._stopped.is_set():
+            return self.tasks.spawn(self.config_source.resync(self.offer_config), name="config-resync")
         if self.config_path is None or not self.health.started or self._stopped.is_set():
             log.warning("config reload ignored", extra={"trigger": trigger, "reason": "no config file"
                         if self.config_path is None else "starting or stopping"})
@@ -252,16 +266,33 @@ class Sidecar:
             CONFIG_RELOADS.labels(result).inc()
         return result
 
-    async def _reload(self, path: str | Path, trigger: str) -> str:
+    async def offer_config(self, data: bytes, where: str) -> tuple[str, list[str]]:
+        """A new value of the config source (an etcd revision, `where`): validated and swapped in
+        exactly like a reloaded file, in turn with reloads, and counted alike. Returns what
+        became of it and, when refused, the problems."""
+        async with self._reload_turn:
+            try:
+                result = await self._reload(where, "etcd", data)
+            except Exception:  # a bug must not take the config source down with it
+                log.exception("config reload failed", extra={"trigger": "etcd", "path": where})
+                result, self._rejected_problems = "failure", ["(root): failed while applying; see the log"]
+        if result in CONFIG_RELOAD_RESULTS:
+            CONFIG_RELOADS.labels(result).inc()
+        return result, self._rejected_problems if result == "failure" else []
+
+    async def _reload(self, path: str | Path, trigger: str, data: bytes | None = None) -> str:
         """The same content as the running config is `unchanged`; the file trigger leaves it
         uncounted (it also fires when only the file's stamp moved, e.g. a ConfigMap update of
         another key) and skips the content it rejected last, which was logged then; SIGHUP always
-        validates again. A reload that finishes validating while the sidecar stops is dropped."""
+        validates again. A reload that finishes validating while the sidecar stops is dropped.
+        `data`: an etcd value (`path` says which), bounded like a file; the same content as the
+        running config is `unchanged`."""
         running, rejected = self.health.config_version, self._rejected_version
         version: str | None = None  # the file's, once read
 
         def read() -> tuple[str, str]:
-            text = read_config_text(path)  # at most 1 MiB, UTF-8 (config_yaml.py)
+            # at most 1 MiB, UTF-8 (config_yaml.py)
+            text = read_config_text(path) if data is None else config_text(data, str(path))
             return text, config_version(text)
 
         try:
@@ -272,9 +303,9 @@ class Sidecar:
                     return "ignored"
                 log.info("config unchanged", extra={"trigger": trigger, "config_version": running})
                 return "unchanged"
-            config = await asyncio.to_thread(check_reload, self.config, text)
+            config = await asyncio.to_thread(check_reload, self.config, text, remote=data is not None)
         except ConfigError as exc:
-            self._rejected_version = version
+            self._rejected_version, self._rejected_problems = version, exc.problems
             log.error("config reload rejected", extra={"trigger": trigger, "path": str(path),
                                                        "problems": exc.problems, "config_version": running})
             return "failure"
@@ -333,8 +364,7 @@ def audit_store(config: Config) -> AuditStore:
     if config.audit.store == "redis":
         assert config.limits.redis_url is not None  # validated
         timeout = config.limits.redis_timeout_ms / 1000.0
-        redis = aioredis.Redis.from_url(config.limits.redis_url, socket_timeout=timeout,
-                                        socket_connect_timeout=timeout)
+        redis = redis_client.connect(config.limits.redis_url, timeout, socket_timeout=timeout)
         return RedisAudit(redis, config.audit.ttl_seconds)
     return MemoryAudit(config.audit.max_records)
 

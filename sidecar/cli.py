@@ -69,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     smoke.set_defaults(handler=_smoke)
 
     from sidecar.admin_cli import add_parser as add_admin_parser
+    from sidecar.config_cli import add_parser as add_config_parser
 
     add_admin_parser(sub)
+    add_config_parser(sub)
 
     call = sub.add_parser("call", help="call a sidecar (or a backend) once and print the answer")
     call.add_argument("--target", required=True, metavar="HOST:PORT")
@@ -139,10 +141,14 @@ def tools() -> Any:
 
 
 def _with_config(args: argparse.Namespace, command: Callable[[Any], int]) -> int:
-    from sidecar.config import ConfigError, load_config
+    """The config FILE holds, or for a bootstrap of an etcd source the one its sidecar last ran
+    (its cache file): the spool and DLQ are on this machine, so etcd is not asked."""
+    from sidecar.config import ConfigError, load_bootstrap
+    from sidecar.config_etcd import cached_config
 
     try:
-        config = load_config(args.config)
+        bootstrap = load_bootstrap(args.config)
+        config = bootstrap.config or cached_config(bootstrap.source)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -170,19 +176,25 @@ def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sidecar.config import ConfigError, load_config_text
+    """The file is the config, or the bootstrap of an etcd source: then the config is read from
+    etcd (or the cache) inside the event loop that will serve, before the sidecar is built."""
+    from sidecar.config import ConfigError, load_bootstrap
     from sidecar.telemetry.logging import configure_logging
 
     configure_logging()  # JSON until the config says otherwise
     try:
-        config, text = load_config_text(args.config)
-        _make_spool_dir(config)
+        bootstrap = load_bootstrap(args.config)
+        if bootstrap.config is not None:
+            _make_spool_dir(bootstrap.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
+    config = bootstrap.config
+    if config is None:
+        return _serve(_from_etcd(bootstrap.source))
     configure_logging(log_format=config.telemetry.log_format)
-    return _serve(config, text, args.config)
+    return _serve(_from_file(config, bootstrap.text, args.config))
 
 
 def _make_spool_dir(config: Any) -> None:
@@ -198,19 +210,47 @@ def _make_spool_dir(config: Any) -> None:
         raise ConfigError([f"usage.spool_dir: cannot create {config.usage.spool_dir}: {exc.strerror or exc}"]) from None
 
 
-def _serve(config: Any, text: str, path: str) -> int:
+def _from_file(config: Any, text: str, path: str) -> Callable[[], Coroutine[Any, Any, None]]:
     from sidecar.app import Sidecar, config_version
-    from sidecar.memory import give_large_blocks_back
-
-    give_large_blocks_back()  # before the first request: large buffers are unmapped when freed
 
     version = config_version(text)  # of the text validated: the file may have changed since
 
     async def serve() -> None:
         await Sidecar(config, version, config_path=path).run_until_signalled()  # the path: for reloads
 
+    return serve
+
+
+def _from_etcd(source: Any) -> Callable[[], Coroutine[Any, Any, None]]:
+    from sidecar.app import Sidecar, config_version
+    from sidecar.config_etcd import EtcdConfigSource
+    from sidecar.telemetry.logging import configure_logging
+
+    async def serve() -> None:
+        etcd = EtcdConfigSource(source)
+        try:
+            initial = await etcd.load_initial()  # etcd's config, or the cache's; else ConfigError
+            _make_spool_dir(initial.config)
+        except BaseException:
+            await etcd.aclose()
+            raise
+        configure_logging(log_format=initial.config.telemetry.log_format)
+        await Sidecar(initial.config, config_version(initial.text), config_source=etcd).run_until_signalled()
+
+    return serve
+
+
+def _serve(serve: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    from sidecar.config import ConfigError
+    from sidecar.memory import give_large_blocks_back
+
+    give_large_blocks_back()  # before the first request: large buffers are unmapped when freed
     try:
         run_async(serve)
+    except ConfigError as exc:  # an etcd source with no config to start from
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
@@ -218,15 +258,16 @@ def _serve(config: Any, text: str, path: str) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from sidecar.config import ConfigError, load_config
+    from sidecar.config import ConfigError, load_bootstrap
 
     try:
-        load_config(args.file)
+        bootstrap = load_bootstrap(args.file)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
         return 2
-    print(f"{args.file}: ok")
+    where = "" if bootstrap.config else f" (a bootstrap: the config is kept in etcd key {bootstrap.source.key})"
+    print(f"{args.file}: ok{where}")
     return 0
 
 

@@ -5,12 +5,18 @@ completely or is rejected with one `ConfigError` line per problem, each naming i
 (`models.chat.backends[1].weight: must be >= 0`), so an operator can fix it without guessing.
 Unknown keys are errors: a typo must never silently fall back to a default. The file's size,
 encoding, nesting, aliases and duplicate keys are checked before anything else (config_yaml.py).
+
+The file `sidecar run --config` names is the *bootstrap*: either the config itself
+(`config_source.kind: file`, the default) or, with `config_source.kind: etcd`, only where the
+config is kept (`load_bootstrap`); the config in etcd is the same schema, validated by the same
+`parse_config` (`remote=True`: without a `config_source` of its own).
 """
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR
 from typing import Any, Generic, TypeVar
@@ -27,6 +33,8 @@ from sidecar.config_sections import (
     BackendConfig,
     BudgetRule,
     BudgetsConfig,
+    ConfigSourceConfig,
+    EtcdTlsConfig,
     HealthChecksConfig,
     LimitRule,
     LimitsConfig,
@@ -45,7 +53,15 @@ from sidecar.config_sections import (
     UsageConfig,
     UsageKafkaConfig,
 )
-from sidecar.config_yaml import MAX_CONFIG_BYTES, ConfigError, key_path, load_yaml, read_config_text
+from sidecar.config_yaml import (
+    MAX_CONFIG_BYTES,
+    TOO_BIG,
+    ConfigError,
+    decode,
+    key_path,
+    load_yaml,
+    read_config_text,
+)
 
 __all__ = [
     "AdminTokenConfig",
@@ -53,10 +69,13 @@ __all__ = [
     "AuditConfig",
     "AuthConfig",
     "BackendConfig",
+    "Bootstrap",
     "BudgetRule",
     "BudgetsConfig",
     "Config",
     "ConfigError",
+    "ConfigSourceConfig",
+    "EtcdTlsConfig",
     "HealthChecksConfig",
     "LimitRule",
     "LimitsConfig",
@@ -72,10 +91,12 @@ __all__ = [
     "TelemetryConfig",
     "UsageConfig",
     "UsageKafkaConfig",
+    "config_text",
     "key_path",
+    "load_bootstrap",
     "load_config",
-    "load_config_text",
     "machine_problems",
+    "parse_bootstrap",
     "parse_config",
     "read_config_text",
 ]
@@ -102,6 +123,7 @@ class Config(Section):
     usage: UsageConfig = UsageConfig()
     audit: AuditConfig = AuditConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    config_source: ConfigSourceConfig = ConfigSourceConfig()  # kind file here; etcd makes a bootstrap
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -135,19 +157,93 @@ class PerConfig(Generic[S, T]):
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Reads, substitutes and validates `path`; raises `ConfigError` listing every problem.
-    For `check-config` and `run`, files the config names are checked on this machine too (a
-    usage file that cannot be written would lose every record)."""
-    return load_config_text(path, environ)[0]
+    Files the config names are checked on this machine too (a usage file that cannot be
+    written would lose every record). A bootstrap of an etcd source holds no config:
+    `ConfigError` saying where it is (`run` and `check-config` take either: `load_bootstrap`)."""
+    bootstrap = load_bootstrap(path, environ)
+    if bootstrap.config is None:
+        raise ConfigError([(f"config_source.kind: {path} is a bootstrap: the config is kept in etcd key "
+                           f"{bootstrap.source.key} (`sidecar config get --config {path}` shows it)")])
+    return bootstrap.config
 
 
-def load_config_text(path: str | Path, environ: Mapping[str, str] | None = None) -> tuple[Config, str]:
-    """`load_config`, and the text it validated (`run` derives the config version from it)."""
+@dataclass(frozen=True)
+class Bootstrap:
+    """What `sidecar run --config FILE` starts from: the config itself (`config_source.kind:
+    file`: `config` and its `text`), or only where it is kept (`etcd`: `source`; config None)."""
+
+    source: ConfigSourceConfig
+    config: Config | None = None
+    text: str = ""
+
+
+def load_bootstrap(path: str | Path, environ: Mapping[str, str] | None = None) -> Bootstrap:
+    """`parse_bootstrap` of the file at `path`, and the paths it names checked on this machine."""
     text = read_config_text(path)
-    config = parse_config(text, environ)
-    problems = machine_problems(config)
+    bootstrap = parse_bootstrap(text, environ)
+    problems = machine_problems(bootstrap.config) if bootstrap.config else source_problems(bootstrap.source)
     if problems:
         raise ConfigError(problems)
-    return config, text
+    return bootstrap
+
+
+def parse_bootstrap(text: str, environ: Mapping[str, str] | None = None) -> Bootstrap:
+    """A config (`config_source.kind: file`, or no `config_source`), or a bootstrap of an etcd
+    source: a file with `config_source` and nothing else. `ConfigError` otherwise."""
+    data = _data(text, environ)
+    source = data.get("config_source")
+    if not (isinstance(source, dict) and source.get("kind") == "etcd"):
+        config = _validate(data)
+        return Bootstrap(config.config_source, config, text)
+    problems = [f"{key_path([key])}: not in a bootstrap: with config_source.kind etcd the config is kept in "
+                "etcd, and this file holds config_source only" for key in data if key != "config_source"]
+    try:
+        checked = _BootstrapFile.model_validate({"config_source": source})
+    except ValidationError as exc:
+        raise ConfigError([*problems, *(_describe(err) for err in exc.errors())]) from None
+    problems += _source_problems(checked.config_source, set(source))
+    if problems:
+        raise ConfigError(problems)
+    return Bootstrap(checked.config_source)
+
+
+class _BootstrapFile(Section):
+    config_source: ConfigSourceConfig
+
+
+def source_problems(source: ConfigSourceConfig) -> list[str]:
+    """The files an etcd source names, checked on this machine without creating anything: the
+    cache must be writable (a start while etcd is down needs it), TLS files readable."""
+    problems = []
+    problem = unwritable(Path(source.cache_file))
+    if problem:
+        problems.append(f"config_source.cache_file: cannot be written: {problem}")
+    tls = source.tls
+    files = [("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file)] if tls else []
+    problems += [f"config_source.tls.{name}: cannot be read: {file}" for name, file in files
+                 if file is not None and not os.access(file, os.R_OK)]
+    return problems
+
+
+def _source_problems(source: ConfigSourceConfig, given: set[str]) -> list[str]:
+    """What `kind` asks of the other keys: etcd needs endpoints, credentials come in pairs;
+    `file` takes none of them (a config never appears to do what it does not)."""
+    if source.kind == "file":
+        return [f"config_source.{key}: only with kind etcd" for key in sorted(given - {"kind"}, key=str)]
+    problems = []
+    if not source.endpoints:
+        problems.append("config_source.endpoints: required with kind etcd (host:port of each etcd member)")
+    if (source.username is None) != (source.password is None):
+        missing = "password" if source.password is None else "username"
+        problems.append(f"config_source.{missing}: username and password go together")
+    return problems
+
+
+def config_text(data: bytes, where: str) -> str:
+    """The text of a config that is not a file (an etcd value), within the bounds of a file."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{where}: {TOO_BIG}"])
+    return decode(data)
 
 
 def machine_problems(config: Config) -> list[str]:
@@ -205,22 +301,41 @@ def unusable_dir(path: Path) -> str:
     return "" if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
 
 
-def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Config:
+def parse_config(text: str, environ: Mapping[str, str] | None = None, *, remote: bool = False) -> Config:
     """Validates a config's text (at most 1 MiB of YAML, see config_yaml.py); raises
-    `ConfigError` listing every problem. Touches nothing on this machine."""
+    `ConfigError` listing every problem. Touches nothing on this machine. `remote`: the config
+    kept in etcd, which may not say where configs come from (each sidecar's bootstrap does)."""
+    data = _data(text, environ)
+    if remote and "config_source" in data:
+        raise ConfigError([("config_source: not in a config kept in etcd: it belongs in each sidecar's "
+                           "bootstrap file (`sidecar run --config`)")])
+    source = data.get("config_source")
+    if isinstance(source, dict) and source.get("kind") == "etcd":
+        raise ConfigError([("config_source.kind: etcd makes this file a bootstrap, read once at start by "
+                           "`sidecar run`; it holds no config")])
+    return _validate(data)
+
+
+def _data(text: str, environ: Mapping[str, str] | None) -> dict[str, Any]:
+    """The YAML mapping of `text`, `${ENV}` substituted."""
     raw = load_yaml(text)
     if not isinstance(raw, dict):
         raise ConfigError(["(root): must be a mapping of keys to values"])
     env = os.environ if environ is None else environ
     problems: list[str] = []
-    data = _substitute(raw, (), env, problems)
+    data: dict[str, Any] = _substitute(raw, (), env, problems)
     if problems:
         raise ConfigError(problems)
+    return data
+
+
+def _validate(data: dict[str, Any]) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(err) for err in exc.errors()) from None
-    problems = _cross_check(config)
+    given = data.get("config_source")
+    problems = _cross_check(config) + _source_problems(config.config_source, set(given or ()))
     if problems:
         raise ConfigError(problems)
     return config

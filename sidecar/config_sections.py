@@ -43,6 +43,8 @@ __all__ = [  # with the bounds and value types, re-exported for config.py and th
     "BackendConfig",
     "BudgetRule",
     "BudgetsConfig",
+    "ConfigSourceConfig",
+    "EtcdTlsConfig",
     "HealthChecksConfig",
     "LimitRule",
     "LimitsConfig",
@@ -326,3 +328,33 @@ class TelemetryConfig(Section):
     max_queued_spans: int = Field(default=8192, ge=64, le=MAX_COUNT)  # beyond this, spans are dropped (counted)
     log_format: Literal["json", "text"] = "json"
     access_log: bool = True                    # one line per inference call
+
+
+class EtcdTlsConfig(Section):
+    """TLS to etcd: the CA that signed etcd's server certificate, and a client certificate when
+    etcd asks for one (`--client-cert-auth`). PEM files, read at start."""
+
+    ca_file: PathText
+    cert_file: PathText | None = None
+    key_file: PathText | None = None
+    server_name: str | None = None   # the name in etcd's certificate, when the endpoints are IP addresses
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> EtcdTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class ConfigSourceConfig(Section):
+    """Where the live config comes from: this file (`file`), or one etcd key (`etcd`) that every
+    sidecar of a fleet watches (config_etcd.py). Read once at start: every key needs a restart."""
+
+    kind: Literal["file", "etcd"] = "file"
+    endpoints: list[Address] = Field(default_factory=list, max_length=100)  # etcd members, host:port
+    key: str = Field(default="/sidecar/config", min_length=1, max_length=1024)
+    cache_file: PathText = "./var/config-cache.json"  # the last config applied: a start while etcd is down
+    timeout_ms: int = Field(default=2_000, gt=0, le=MAX_MS)  # one etcd request (the read at start included)
+    username: str | None = Field(default=None, min_length=1)
+    password: str | None = Field(default=None, repr=False)   # use ${ENV}; never logged
+    tls: EtcdTlsConfig | None = None

@@ -3,8 +3,10 @@ when the file changed.
 
 `Sidecar.reload` (app.py) reads the file on SIGHUP and when `watch_file` sees it change, and
 asks `check_reload` whether the new text may replace the running config; both run in a worker
-thread, within the bounds of config_yaml.py (1 MiB, nodes, depth). Everything here is pure apart
-from reading the file: the swap itself is the Sidecar's, in one synchronous step on the loop.
+thread, within the bounds of config_yaml.py (1 MiB, nodes, depth). A new revision of an etcd
+source (config_etcd.py) takes the same path with the value as its text (`remote`), so there is
+one way a config becomes live. Everything here is pure apart from reading the file: the swap
+itself is the Sidecar's, in one synchronous step on the loop.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ RESTART_ONLY = (
     "overrides.store", "usage", "audit",
     "telemetry.otlp_endpoint", "telemetry.otlp_headers", "telemetry.export_timeout_ms",
     "telemetry.service_name", "telemetry.resource_attributes", "telemetry.max_queued_spans",
-    "telemetry.log_format",
+    "telemetry.log_format", "config_source",
 )
 RESTART = "cannot change while running; restart the sidecar"
 POLL_SECONDS = 1.0    # how often the file is looked at
@@ -38,11 +40,12 @@ SETTLE_SECONDS = 0.1  # a changed file must hold still this long: a writer may n
 _MISSING = object()
 
 
-def check_reload(running: Config, text: str, environ: Mapping[str, str] | None = None) -> Config:
+def check_reload(running: Config, text: str, environ: Mapping[str, str] | None = None, *,
+                 remote: bool = False) -> Config:
     """The config `text` describes, if it may replace `running`; else `ConfigError` with one
     `key.path: message` line per problem: invalid keys, and keys that need a restart. Safe to
-    call in a worker thread (configs are immutable)."""
-    config = parse_config(text, environ)
+    call in a worker thread (configs are immutable). `remote`: a value of an etcd source."""
+    config = parse_config(text, environ, remote=remote)
     problems = restart_only_changes(running, config)
     if problems:
         raise ConfigError(problems)

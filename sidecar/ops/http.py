@@ -18,6 +18,11 @@ resource a client can make it hold is bounded.
 - An answer the client does not take within `WRITE_TIMEOUT_SECONDS` is dropped.
 A refused request logs one `ops request refused` line (info, no traceback), rate-limited per
 status by `LogThrottle`; a flood logs `ops connection limit reached` (warning) the same way.
+
+`/healthz` is liveness: 200 for as long as the loop answers. Its body also carries the
+components in `LIVENESS_COMPONENTS` (the config source: where the config comes from and whether
+it can be read), which never make it fail: a sidecar serving from its cache while etcd is down
+is alive.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ Response = tuple[int, str, bytes]
 Route = Callable[[Request], Awaitable[Response]]
 
 MAX_CONNECTIONS = 64
+LIVENESS_COMPONENTS = ("config_source",)
 WRITE_TIMEOUT_SECONDS = 10.0
 # after a refusal, what the client still sends is read and dropped (this long, this much at
 # most) before the socket closes: closing with unread input would reset the connection, and
@@ -176,7 +182,12 @@ class OpsServer:
         return 200, content_type, body
 
     async def _healthz(self, _: Request) -> Response:
-        return _json(200, self._health.liveness_body())
+        body = self._health.liveness_body()
+        for name in LIVENESS_COMPONENTS:
+            component = self._health.components_from.get(name)
+            if component is not None:
+                body[name] = component()
+        return _json(200, body)
 
     async def _readyz(self, _: Request) -> Response:
         return _json(200 if self._health.ready else 503, self._health.readiness_body())

@@ -43,7 +43,7 @@ TOOL_PACKAGES = {"promtool": "prometheus", "amtool": "prometheus-alertmanager",
 RUNBOOK_SECTIONS = {
     "backend-degradation", "routing-policy-change", "failover-recovery", "spool-buffer-recovery",
     "kafka-outage", "redis-outage", "rate-limit-and-budget-troubleshooting", "dlq-handling",
-    "config-reload-failure",
+    "config-reload-failure", "config-source-unreachable",
 }
 SEVERITIES = {"critical", "warning", "info"}
 
