@@ -52,6 +52,16 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCl
         cluster.stop()
 
 
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[ValkeyCluster]:
+    """A 3-master Redis Cluster owned by one test: free to kill masters and move slots."""
+    cluster = start_valkey_cluster(tmp_path / "own-cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster_url(redis_cluster: ValkeyCluster) -> str:
     """The `redis+cluster://` URL of the session's cluster (every node a seed)."""

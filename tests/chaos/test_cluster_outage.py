@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from tests.grpc.test_limits import metric
 from tests.harness.invariants import assert_idle
 from tests.harness.load import Load
 from tests.harness.procs import wait_until
-from tests.harness.redis_cluster import ValkeyCluster, start_valkey_cluster
+from tests.harness.redis_cluster import ValkeyCluster
 from tests.harness.sidecar import BackendProc, SidecarProc, sidecar_config, start_sidecar
 
 TOKEN = "admin-token-cluster"
@@ -63,12 +62,8 @@ limits:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ValkeyCluster]:
-    started = start_valkey_cluster(tmp_path / "cluster")
-    try:
-        yield started
-    finally:
-        started.stop()
+def cluster(own_cluster: ValkeyCluster) -> ValkeyCluster:
+    return own_cluster
 
 
 def limits(sidecar: SidecarProc) -> dict[str, object]:

@@ -16,8 +16,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.crc import key_slot
@@ -28,7 +27,7 @@ from sidecar.limits.guarded import GuardedStore
 from sidecar.limits.redis_store import RedisLimitStore
 from sidecar.limits.store import Ask, StoreUnavailable, Verdict
 from sidecar.redis_client import connect
-from tests.harness.redis_cluster import ValkeyCluster, start_valkey_cluster
+from tests.harness.redis_cluster import ValkeyCluster
 
 SLOW = 0.001  # one unit per 1000 s: nothing refills during a test, so "exact" means exactly the burst
 TIMEOUT = 0.3
@@ -36,12 +35,8 @@ FAILURES, COOLDOWN = 2, 0.2
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ValkeyCluster]:
-    started = start_valkey_cluster(tmp_path)
-    try:
-        yield started
-    finally:
-        started.stop()
+def cluster(own_cluster: ValkeyCluster) -> ValkeyCluster:
+    return own_cluster
 
 
 @pytest.fixture
