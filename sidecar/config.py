@@ -33,6 +33,7 @@ from sidecar.config_sections import (
     BackendConfig,
     BudgetRule,
     BudgetsConfig,
+    ClientTlsConfig,
     ConfigSourceConfig,
     EtcdTlsConfig,
     HealthChecksConfig,
@@ -48,8 +49,10 @@ from sidecar.config_sections import (
     RateRule,
     RetriesConfig,
     Section,
+    ServerTlsConfig,
     ShutdownConfig,
     TelemetryConfig,
+    TlsConfig,
     UsageConfig,
     UsageKafkaConfig,
 )
@@ -72,6 +75,7 @@ __all__ = [
     "Bootstrap",
     "BudgetRule",
     "BudgetsConfig",
+    "ClientTlsConfig",
     "Config",
     "ConfigError",
     "ConfigSourceConfig",
@@ -87,8 +91,10 @@ __all__ = [
     "Price",
     "RateRule",
     "RetriesConfig",
+    "ServerTlsConfig",
     "ShutdownConfig",
     "TelemetryConfig",
+    "TlsConfig",
     "UsageConfig",
     "UsageKafkaConfig",
     "config_text",
@@ -123,6 +129,7 @@ class Config(Section):
     usage: UsageConfig = UsageConfig()
     audit: AuditConfig = AuditConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    tls: TlsConfig = TlsConfig()               # listeners and backends; none by default
     config_source: ConfigSourceConfig = ConfigSourceConfig()  # kind file here; etcd makes a bootstrap
     models: dict[Name, ModelConfig] = Field(min_length=1)
 

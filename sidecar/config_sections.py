@@ -330,6 +330,38 @@ class TelemetryConfig(Section):
     access_log: bool = True                    # one line per inference call
 
 
+class ClientTlsConfig(Section):
+    """TLS to a server the sidecar calls (a backend, Redis, the OTLP collector): the CA that signed
+    its certificate (none: the system's roots), a client certificate when it asks for one (mutual
+    TLS), and the name to verify and send as SNI when it is not the address's host. PEM files."""
+
+    ca_file: PathText | None = None
+    cert_file: PathText | None = None
+    key_file: PathText | None = None
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> ClientTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class ServerTlsConfig(Section):
+    """TLS on a listener: its certificate and key (PEM files), and, to require callers to present
+    a certificate (mutual TLS), the CA that must have signed it."""
+
+    cert_file: PathText
+    key_file: PathText
+    client_ca_file: PathText | None = None
+
+
+class TlsConfig(Section):
+    listen: ServerTlsConfig | None = None        # the inference listener
+    admin_listen: ServerTlsConfig | None = None  # the admin listener
+    backends: ClientTlsConfig | None = None      # the default of every backend (a model or backend may set its own)
+
+
 class EtcdTlsConfig(Section):
     """TLS to etcd: the CA that signed etcd's server certificate, and a client certificate when
     etcd asks for one (`--client-cert-auth`). PEM files, read at start."""
