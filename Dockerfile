@@ -79,7 +79,7 @@ USER 10001:10001
 # outside the container when its address in the config is 0.0.0.0 (see deploy/kubernetes).
 EXPOSE 50051 50052 9464
 
-# No HEALTHCHECK: Kubernetes probes the gRPC health service directly (grpc: probes), and Docker's
-# HEALTHCHECK is ignored there.
+# No HEALTHCHECK: Kubernetes probes /healthz and /readyz on the ops listener directly (httpGet
+# probes, deploy/kubernetes), and Docker's HEALTHCHECK is ignored there.
 ENTRYPOINT ["sidecar"]
 CMD ["run", "--config", "/etc/sidecar/config.yaml"]

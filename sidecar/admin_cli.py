@@ -7,7 +7,9 @@
 
 Each talks to the admin listener (`--admin HOST:PORT`, default 127.0.0.1:50052) with the token
 from `--token` or `$SIDECAR_ADMIN_TOKEN`, and prints the answer as JSON (one object). A refused
-call prints the error's reason as JSON on stderr and exits 1.
+call prints the error's reason as JSON on stderr and exits 1. An admin listener with
+`tls.admin_listen` is reached with `--ca-file` (and `--cert-file`/`--key-file` when it requires
+client certificates; `--server-name` when the address is not in its certificate): cli_tls.py.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import json
 import os
 import sys
 from typing import Any
+
+from sidecar.cli_tls import TlsOptionError, add_tls_options, channel, channel_tls
 
 ADMIN_DEFAULT = "127.0.0.1:50052"
 
@@ -26,6 +30,7 @@ def add_parser(sub: Any) -> None:
     admin.add_argument("--admin", default=ADMIN_DEFAULT, metavar="HOST:PORT", help="the admin listener")
     admin.add_argument("--token", default=None, help="admin token (default: $SIDECAR_ADMIN_TOKEN)")
     admin.add_argument("--timeout", type=float, default=10.0)
+    add_tls_options(admin, listener="the admin listener")
     actions = admin.add_subparsers(dest="action", required=True)
     routes = actions.add_parser("routes", help="models, backends, weights, health, overrides")
     routes.add_argument("--model", default="")
@@ -54,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("SIDECAR_ADMIN_TOKEN", "")
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(args.admin) as channel:
-        routing, audit = admin_pb2_grpc.RoutingAdminStub(channel), admin_pb2_grpc.AuditStub(channel)
+    try:
+        tls = channel_tls(args)
+    except TlsOptionError as exc:
+        print(f"sidecar admin: {exc}", file=sys.stderr)
+        return 2
+    with channel(args.admin, tls) as admin:
+        routing, audit = admin_pb2_grpc.RoutingAdminStub(admin), admin_pb2_grpc.AuditStub(admin)
         try:
             if args.action == "routes":
                 answer: Any = routing.ListRoutes(admin_pb2.ListRoutesRequest(model=args.model),

@@ -39,12 +39,14 @@ from sidecar.limits.guarded import GuardedStore
 from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.limits.redis_store import RedisLimitStore
 from sidecar.limits.store import LimitStore
+from sidecar.listener_tls import exposed_without_tls
 from sidecar.ops.admin_auth import AdminAuth
 from sidecar.ops.admin_service import AuditService, RoutingAdmin
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
 from sidecar.pipeline import build_pipeline
 from sidecar.reload import check_reload, describe_changes, read_config_text, watch_file
+from sidecar.routing.backend_tls import keep_credentials_fresh
 from sidecar.routing.channels import Channels, message_options
 from sidecar.routing.health_checks import HealthChecker
 from sidecar.routing.router import Router
@@ -61,6 +63,7 @@ from sidecar.telemetry.metrics import (
     USAGE_RECORDS_DROPPED,
 )
 from sidecar.telemetry.tracing import Tracer
+from sidecar.tls_server import ListenerTls, listener_tls, tls_component
 from sidecar.usage.audit import AuditStore, MemoryAudit, RedisAudit
 from sidecar.usage.dlq import DeadLetters
 from sidecar.usage.kafka_sink import KafkaSink
@@ -105,6 +108,11 @@ class Sidecar:
             TRACE_SPANS_DROPPED.labels(reason)
         BUILD_INFO.labels(**build_info()).set(1)
         self.health = Health(version)
+        # first: unusable certificate files end the start here (ConfigError, exit 2), before
+        # anything is opened; the files rotate without a restart (tls_server.py)
+        self.listener_tls = listener_tls(config.tls)
+        if self.listener_tls:
+            self.health.components_from["tls"] = lambda: tls_component(self.listener_tls)
         self.in_flight = InFlight()
         self.channels = Channels(config)
         self.tasks = Tasks()
@@ -115,7 +123,7 @@ class Sidecar:
             assert config.limits.redis_url is not None  # validated
             timeout = config.limits.redis_timeout_ms / 1000.0
             self.router.overrides.redis = redis_client.connect(config.limits.redis_url, timeout,
-                                                               socket_timeout=timeout)
+                                                               socket_timeout=timeout, tls=config.limits.redis_tls)
         self.health.backends_ok = self.router.any_routable
         self.health.components_from["backends"] = self.router.component
         self.health.components_from["calls"] = lambda: {"status": "ok", "in_flight": self.in_flight.count}
@@ -169,17 +177,25 @@ class Sidecar:
         admin_names = (admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name,
                        admin_pb2.DESCRIPTOR.services_by_name["Audit"].full_name, names[1], reflection.SERVICE_NAME)
         reflection.enable_server_reflection(admin_names, self._admin)
-        self.listeners.listen = _bind(self._server, self.config.listen)
-        self.listeners.admin_listen = _bind(self._admin, self.config.admin_listen)
-        self.listeners.ops_listen = _with_port(self.config.ops_listen, await self._ops.start(self.config.ops_listen))
+        self.listeners.listen = _bind(self._server, self.config.listen, self.listener_tls.get("listen"))
+        self.listeners.admin_listen = _bind(self._admin, self.config.admin_listen, self.listener_tls.get("admin_listen"))
         await self._server.start()
         await self._admin.start()
+        # after the gRPC servers: /healthz answering (a startup probe) means that they accept
+        self.listeners.ops_listen = _with_port(self.config.ops_listen, await self._ops.start(self.config.ops_listen))
+        if exposed_without_tls(self.config.listen, self.config.tls.listen):
+            log.warning("listen is reachable beyond this host without TLS", extra={
+                "listen": self.config.listen, "fix": "bind it to loopback, or set tls.listen"})
+        for tls in self.listener_tls.values():
+            self.tasks.spawn(tls.watch(), name=f"tls-watch {tls.listener}")
         if self.config.auth is None:
             log.warning("auth is not configured: every caller is accepted as org 'anonymous'")
         await self.router.load_overrides()
         if self.config.overrides.store == "redis":
             self.tasks.spawn(self._sync_overrides(), name="overrides-sync")
         self.health_checker.start()
+        # backend certificate files rotated: new channels, the old ones drain (routing/backend_tls.py)
+        self.tasks.spawn(keep_credentials_fresh(self.channels, self.router, self.tasks.spawn), name="backend-tls-watch")
         if self.config_path is not None:
             self.tasks.spawn(watch_file(self.config_path, lambda: self.reload("file")), name="config-watch")
         if self.config_source is not None:
@@ -189,6 +205,8 @@ class Sidecar:
         await self.health.mark_started()
         log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,
                                          "ops_listen": self.listeners.ops_listen,
+                                         "tls": {name: "mutual" if tls.mutual else "server"
+                                                 for name, tls in self.listener_tls.items()},
                                          "config_version": self.health.config_version,
                                          "models": sorted(self.config.models)})
 
@@ -324,8 +342,8 @@ class Sidecar:
         self.config, self.health.config_version, self._rejected_version = config, version, None
         # a call started before the swap ends within its model's timeout: then its channel may go
         grace = max(model.timeout_ms for model in old.models.values()) / 1000.0
-        for address, channel in removed.items():
-            self.tasks.spawn(self.channels.drain(address, channel, grace), name=f"drain-channel {address}")
+        for key, channel in removed.items():
+            self.tasks.spawn(self.channels.drain(key, channel, grace), name=f"drain-channel {key}")
         self._routes_changed()
         log.info("config reloaded", extra={"trigger": trigger, "old_version": old_version, "new_version": version,
                                            **describe_changes(old, config)})
@@ -339,7 +357,7 @@ def limit_store(config: Config) -> LimitStore:
     if limits.store == "memory":
         return MemoryLimitStore()
     assert limits.redis_url is not None  # validated
-    redis = RedisLimitStore(limits.redis_url, timeout=limits.redis_timeout_ms / 1000.0)
+    redis = RedisLimitStore(limits.redis_url, timeout=limits.redis_timeout_ms / 1000.0, tls=limits.redis_tls)
     return GuardedStore(redis, on_error=limits.on_store_error, share=1.0 / limits.expected_replicas,
                         failures=limits.breaker_failures, cooldown=limits.breaker_cooldown_ms / 1000.0)
 
@@ -364,14 +382,15 @@ def audit_store(config: Config) -> AuditStore:
     if config.audit.store == "redis":
         assert config.limits.redis_url is not None  # validated
         timeout = config.limits.redis_timeout_ms / 1000.0
-        redis = redis_client.connect(config.limits.redis_url, timeout, socket_timeout=timeout)
+        redis = redis_client.connect(config.limits.redis_url, timeout, socket_timeout=timeout,
+                                     tls=config.limits.redis_tls)
         return RedisAudit(redis, config.audit.ttl_seconds)
     return MemoryAudit(config.audit.max_records)
 
 
-def _bind(server: grpc.aio.Server, address: str) -> str:
+def _bind(server: grpc.aio.Server, address: str, tls: ListenerTls | None) -> str:
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from None
     return _with_port(address, port)

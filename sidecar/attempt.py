@@ -7,6 +7,10 @@ or the stream's generator closed), or our own code raised -- leaving it does the
 synchronous step that no cancellation can interrupt: it cancels the backend call unless that
 finished, counts the endpoint out, reports the outcome to the router (which appends the call's
 `AttemptRecord` and learns from it), and ends the span. Nothing else starts or ends attempts.
+
+A backend's failure is handed to `failed`, which alone looks at it further: an UNAVAILABLE on
+a TLS channel may be a failed handshake (`tls_cause`), reported to the router. Only failures pay
+for that; an answered call does no TLS work of its own.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from sidecar.routing.endpoints import Endpoint
 from sidecar.routing.router import Router
 from sidecar.telemetry.trace_context import new_span_id
 from sidecar.telemetry.tracing import CLIENT, attempt_attributes, record
+from sidecar.tls_client import handshake_failure
 
 OK = grpc.StatusCode.OK
 
@@ -38,6 +43,7 @@ class Attempt:
         "endpoint",
         "rpc",
         "timeout",
+        "tls_cause",
     )
 
     def __init__(self, call: Call, router: Router) -> None:
@@ -47,6 +53,7 @@ class Attempt:
         self.endpoint: Endpoint = call.endpoint
         self.code: grpc.StatusCode | None = OK  # the outcome when the body leaves normally
         self.rpc: grpc.aio.Call | None = None
+        self.tls_cause: str | None = None  # the attempt failed on the TLS handshake, for this reason
         self.timeout = call.backend_timeout()
         self._capped = call.model_timeout_binds(self.timeout)  # the model's timeout, not the caller's
         self._span_id = ""
@@ -73,6 +80,16 @@ class Attempt:
                                                  metadata=self._metadata)
         self.rpc = rpc
         return rpc
+
+    def failed(self, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """The backend call failed with `exc`: the attempt's outcome, and `tls_cause` when it was
+        the TLS handshake. Returns `exc` without its traceback (no frame cycle) to raise later."""
+        self.code = exc.code()
+        if self.code == grpc.StatusCode.UNAVAILABLE and self.endpoint.backend.tls is not None:
+            self.tls_cause = handshake_failure(exc.details())
+            if self.tls_cause is not None:
+                self._router.tls_failed(self.endpoint, self.tls_cause)
+        return exc.with_traceback(None)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from sidecar import __version__
+from sidecar.cli_tls import TlsOptionError, add_tls_options, aio_channel, channel_tls
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--model", default="chat")
     smoke.add_argument("--skip-rate-limit", action="store_true",
                        help="leave out the check that exhausts the caller's rate limit")
+    add_tls_options(smoke, listener="--target")
+    add_tls_options(smoke, "admin-", listener="--admin")
     smoke.set_defaults(handler=_smoke)
 
     from sidecar.admin_cli import add_parser as add_admin_parser
@@ -85,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--request-id", default=None)
     call.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     call.add_argument("--json", action="store_true", help="print the response message(s) as JSON")
+    add_tls_options(call, listener="--target")
     call.set_defaults(handler=_call)
 
     backend = sub.add_parser("demo-backend", help="run the reference inference backend")
@@ -96,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     backend.add_argument("--chunk-bytes", type=int, default=0, help="extra delta_bytes per chunk")
     backend.add_argument("--seed", type=int, default=None)
     backend.add_argument("--log-calls", action="store_true", help="one JSON line per call on stdout")
+    backend.add_argument("--tls-cert", metavar="FILE", help="serve over TLS with this PEM certificate (and --tls-key)")
+    backend.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    backend.add_argument("--client-ca", metavar="FILE",
+                         help="require callers' certificates signed by this PEM CA (mutual TLS; needs --tls-cert)")
     backend.set_defaults(handler=_demo_backend)
 
     spool = sub.add_parser("spool", help="the usage-record spool: status, or replay a stopped sidecar's spool")
@@ -178,6 +186,9 @@ def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 def _run(args: argparse.Namespace) -> int:
     """The file is the config, or the bootstrap of an etcd source: then the config is read from
     etcd (or the cache) inside the event loop that will serve, before the sidecar is built."""
+    # before grpc is imported: its default logs a plain-text line per failed TLS handshake,
+    # which anyone who reaches a TLS listener could fill the log with (GRPC_VERBOSITY=INFO: see them)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from sidecar.config import ConfigError, load_bootstrap
     from sidecar.telemetry.logging import configure_logging
 
@@ -274,8 +285,14 @@ def _check_config(args: argparse.Namespace) -> int:
 def _smoke(args: argparse.Namespace) -> int:
     from sidecar.smoke import Options, run_smoke
 
+    try:
+        target_tls, admin_tls = channel_tls(args), channel_tls(args, "admin-")
+    except TlsOptionError as exc:
+        print(f"sidecar smoke: {exc}", file=sys.stderr)
+        return 2
     return run_smoke(Options(target=args.target, admin=args.admin, ops=args.ops, api_key=args.api_key,
-                             admin_token=args.admin_token, model=args.model, skip_rate_limit=args.skip_rate_limit))
+                             admin_token=args.admin_token, model=args.model, skip_rate_limit=args.skip_rate_limit,
+                             target_tls=target_tls, admin_tls=admin_tls))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -287,9 +304,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_backend(args: argparse.Namespace) -> int:
     from sidecar.demo.backend import DemoOptions, run_backend
 
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.client_ca and not args.tls_cert):
+        print("demo-backend: --tls-cert and --tls-key go together; --client-ca needs them", file=sys.stderr)
+        return 2
     run_backend(args.listen, DemoOptions(tokens=args.tokens, delay_ms=args.delay_ms, fail_rate=args.fail_rate,
                                          fail_code=args.fail_code.upper(), chunk_bytes=args.chunk_bytes,
-                                         log_calls=args.log_calls, seed=args.seed))
+                                         log_calls=args.log_calls, seed=args.seed, tls_cert=args.tls_cert,
+                                         tls_key=args.tls_key, client_ca=args.client_ca))
     return 0
 
 
@@ -306,9 +327,14 @@ def _call(args: argparse.Namespace) -> int:
         metadata.append(("x-request-id", args.request_id))
     request = inference_pb2.InferRequest(model=args.model, input=args.input, session_id=args.session_id,
                                          max_output_tokens=args.max_output_tokens)
+    try:
+        tls = channel_tls(args)
+    except TlsOptionError as exc:
+        print(f"sidecar call: {exc}", file=sys.stderr)
+        return 2
 
     async def call() -> int:
-        async with grpc.aio.insecure_channel(args.target) as channel:
+        async with aio_channel(args.target, tls) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             try:
                 if args.stream:

@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import Field, ValidationError, model_validator
 
 from sidecar.config_sections import (
+    KAFKA_FILE_PROPERTIES,
     MAX_INT32,
     Address,
     AdminTokenConfig,
@@ -33,6 +34,7 @@ from sidecar.config_sections import (
     BackendConfig,
     BudgetRule,
     BudgetsConfig,
+    ClientTlsConfig,
     ConfigSourceConfig,
     EtcdTlsConfig,
     HealthChecksConfig,
@@ -48,8 +50,10 @@ from sidecar.config_sections import (
     RateRule,
     RetriesConfig,
     Section,
+    ServerTlsConfig,
     ShutdownConfig,
     TelemetryConfig,
+    TlsConfig,
     UsageConfig,
     UsageKafkaConfig,
 )
@@ -62,6 +66,8 @@ from sidecar.config_yaml import (
     load_yaml,
     read_config_text,
 )
+from sidecar.listener_tls import admin_exposure_problems, server_tls_problems
+from sidecar.routing.backend_tls import backend_tls_problems
 
 __all__ = [
     "AdminTokenConfig",
@@ -72,6 +78,7 @@ __all__ = [
     "Bootstrap",
     "BudgetRule",
     "BudgetsConfig",
+    "ClientTlsConfig",
     "Config",
     "ConfigError",
     "ConfigSourceConfig",
@@ -87,8 +94,10 @@ __all__ = [
     "Price",
     "RateRule",
     "RetriesConfig",
+    "ServerTlsConfig",
     "ShutdownConfig",
     "TelemetryConfig",
+    "TlsConfig",
     "UsageConfig",
     "UsageKafkaConfig",
     "config_text",
@@ -123,6 +132,7 @@ class Config(Section):
     usage: UsageConfig = UsageConfig()
     audit: AuditConfig = AuditConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    tls: TlsConfig = TlsConfig()               # listeners and backends; none by default
     config_source: ConfigSourceConfig = ConfigSourceConfig()  # kind file here; etcd makes a bootstrap
     models: dict[Name, ModelConfig] = Field(min_length=1)
 
@@ -248,7 +258,38 @@ def config_text(data: bytes, where: str) -> str:
 
 def machine_problems(config: Config) -> list[str]:
     """Paths the sidecar must be able to write (relative ones from the current directory),
-    checked without creating anything."""
+    checked without creating anything, and the files of its TLS clients it must read, and the
+    certificates of its TLS listeners it will serve (read and checked: listener_tls.py), and the
+    backends' TLS files (read and checked: routing/backend_tls.py)."""
+    return (_unwritable_paths(config) + client_file_problems(config) + server_tls_problems(config.tls)
+            + backend_tls_problems(config))
+
+
+def client_file_problems(config: Config) -> list[str]:
+    """The PEM files of Redis's and the collector's TLS read and checked (the CA parses, the key
+    is the certificate's, not encrypted: tls_client.py), and the files librdkafka properties name
+    (`ssl.ca.location`, ...) readable: a start is refused, naming the key, rather than running
+    with a store, exporter or producer that can never connect. Rotation replaces them later
+    (docs/configuration.md, "TLS to Redis, the collector and Kafka")."""
+    from sidecar.tls_client import TlsFilesError, read_credentials
+
+    problems = []
+    for prefix, tls in (("limits.redis_tls", config.limits.redis_tls), ("telemetry.otlp_tls", config.telemetry.otlp_tls)):
+        try:
+            if tls is not None:
+                read_credentials(tls)
+        except TlsFilesError as exc:
+            problems += [f"{prefix}.{key}: {message}" for key, message in exc.problems]
+    if config.usage.sink == "kafka":
+        properties = config.usage.kafka.properties
+        files = [(name, str(properties[name])) for name in KAFKA_FILE_PROPERTIES
+                 if name in properties and not (name == "ssl.ca.location" and properties[name] == "probe")]
+        problems += [f"usage.kafka.properties.{name}: cannot be read: {path}" for name, path in files
+                     if not os.access(path, os.R_OK)]
+    return problems
+
+
+def _unwritable_paths(config: Config) -> list[str]:
     usage = config.usage
     if usage.sink == "file":
         problem = unwritable(Path(usage.file.path))
@@ -367,6 +408,7 @@ def _cross_check(config: Config) -> list[str]:
     orgs = {k.org for k in keys} if config.auth else {"anonymous"}
     known = ", ".join(sorted(orgs))
     problems = _auth_problems(config.auth) if config.auth else []
+    problems += admin_exposure_problems(config.admin_listen, config.tls)  # the loopback rule
     problems += [f"limits.orgs.{org}: no caller has this org (orgs: {known})"
                 for org in config.limits.orgs if org not in orgs]
     ids = {k.id for k in keys}

@@ -4,9 +4,9 @@ cross-checks; every other module imports them from there.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.config_values import (
     MAX_AMOUNT,
@@ -27,6 +27,7 @@ from sidecar.config_values import (
 )
 
 __all__ = [  # with the bounds and value types, re-exported for config.py and the runtime
+    "KAFKA_FILE_PROPERTIES",
     "KAFKA_OWNED_PROPERTIES",
     "MAX_AMOUNT",
     "MAX_COUNT",
@@ -41,6 +42,7 @@ __all__ = [  # with the bounds and value types, re-exported for config.py and th
     "AuditConfig",
     "AuthConfig",
     "BackendConfig",
+    "BackendTlsConfig",
     "BudgetRule",
     "BudgetsConfig",
     "ConfigSourceConfig",
@@ -69,12 +71,55 @@ __all__ = [  # with the bounds and value types, re-exported for config.py and th
 ]
 
 
+class ClientTlsConfig(Section):
+    """TLS to a server the sidecar calls (a backend, Redis, the OTLP collector): the CA that signed
+    its certificate (none: the system's roots), a client certificate when it asks for one (mutual
+    TLS), and the name to verify and send as SNI when it is not the address's host. PEM files."""
+
+    ca_file: PathText | None = None
+    cert_file: PathText | None = None
+    key_file: PathText | None = None
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> ClientTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class BackendTlsConfig(ClientTlsConfig):
+    """A model's or one backend's own TLS to its backends. It replaces the default above it as a
+    whole (keys are not merged); `plaintext: true`, or `tls: false`, opts out of a default."""
+
+    plaintext: bool = False
+
+    @model_validator(mode="after")
+    def _plaintext_alone(self) -> BackendTlsConfig:
+        if self.plaintext and any(getattr(self, key) is not None for key in ClientTlsConfig.model_fields):
+            raise ValueError("plaintext: true takes no other key")
+        return self
+
+
+def _false_is_plaintext(value: object) -> object:
+    """`tls: false` is short for `tls: {plaintext: true}`."""
+    if value is False:
+        return {"plaintext": True}
+    if value is True:
+        raise ValueError("must be a mapping (ca_file, cert_file, key_file, server_name), or false for plaintext")
+    return value
+
+
+BackendTls = Annotated[BackendTlsConfig | None, BeforeValidator(_false_is_plaintext)]
+
+
 class BackendConfig(Section):
     name: Name
     address: Address
     weight: float = Field(default=1.0, ge=0, le=MAX_WEIGHT)
     priority: int = Field(default=0, ge=0, le=MAX_COUNT)
     max_in_flight: int | None = Field(default=None, ge=1, le=MAX_COUNT)  # calls at once; a full backend is skipped
+    tls: BackendTls = None  # this backend's own; else the model's, else tls.backends (routing/backend_tls.py)
 
 
 class ModelConfig(Section):
@@ -91,6 +136,7 @@ class ModelConfig(Section):
     balancer: Literal["weighted_random", "p2c_ewma"] = "weighted_random"
     # session: calls with the same session_id go to the same backend (consistent hashing, bounded load)
     affinity: Literal["none", "session"] = "none"
+    tls: BackendTls = None  # the default of this model's backends, instead of tls.backends
     backends: list[BackendConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -161,6 +207,8 @@ class OrgLimitRule(RateRule):
 class LimitsConfig(Section):
     store: Literal["memory", "redis"] = "memory"
     redis_url: RedisUrl | None = None
+    # with a rediss:// or rediss+cluster:// URL: the CA, a client certificate, the name to verify
+    redis_tls: ClientTlsConfig | None = None
     # connect and reply timeout of one store call; above a CFS throttling period (100 ms), so a
     # CPU-limited pod's stall does not count as a dead store
     redis_timeout_ms: int = Field(default=250, gt=0, le=MAX_MS)
@@ -171,6 +219,14 @@ class LimitsConfig(Section):
     orgs: dict[Name, OrgLimitRule] = Field(default_factory=dict)
     api_keys: dict[Name, LimitRule] = Field(default_factory=dict)  # by api key id
 
+    @field_validator("redis_tls")
+    @classmethod
+    def _tls_needs_a_tls_url(cls, tls: ClientTlsConfig | None, info: ValidationInfo) -> ClientTlsConfig | None:
+        url = info.data.get("redis_url")
+        if tls is not None and url is not None and not url.startswith(("rediss://", "rediss+cluster://")):
+            raise ValueError("only with a TLS redis_url (rediss:// or rediss+cluster://); "
+                             f"{url.split('://', 1)[0]}:// is plaintext")
+        return tls
 
 
 class BudgetRule(Section):
@@ -269,6 +325,11 @@ KAFKA_OWNED_PROPERTIES = frozenset({
     "max.in.flight", "retries", "message.send.max.retries", "error_cb", "stats_cb", "logger"})
 
 
+# librdkafka properties naming a file it reads when a producer is built (checked at start)
+KAFKA_FILE_PROPERTIES = ("ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "ssl.crl.location",
+                         "ssl.keystore.location", "sasl.kerberos.keytab")
+
+
 class UsageKafkaConfig(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = Field(default="inference.usage", min_length=1)
@@ -319,6 +380,8 @@ class TelemetryConfig(Section):
     """Traces (OTLP/gRPC) and the format of log lines."""
 
     otlp_endpoint: OtlpEndpoint = ""   # empty: no traces
+    # with an https:// endpoint: the collector's CA, a client certificate (mutual TLS), the name to verify
+    otlp_tls: ClientTlsConfig | None = None
     otlp_headers: dict[str, str] = Field(default_factory=dict)  # sent with every export, e.g. a collector's API key
     export_timeout_ms: int = Field(default=10_000, gt=0, le=MAX_MS)
     # parent-based: a caller's sampled flag decides; otherwise this share of new traces is sampled
@@ -328,6 +391,29 @@ class TelemetryConfig(Section):
     max_queued_spans: int = Field(default=8192, ge=64, le=MAX_COUNT)  # beyond this, spans are dropped (counted)
     log_format: Literal["json", "text"] = "json"
     access_log: bool = True                    # one line per inference call
+
+    @field_validator("otlp_tls")
+    @classmethod
+    def _tls_needs_https(cls, tls: ClientTlsConfig | None, info: ValidationInfo) -> ClientTlsConfig | None:
+        endpoint = info.data.get("otlp_endpoint")
+        if tls is not None and endpoint is not None and not endpoint.startswith("https://"):
+            raise ValueError("only with an https:// otlp_endpoint")
+        return tls
+
+
+class ServerTlsConfig(Section):
+    """TLS on a listener: its certificate and key (PEM files), and, to require callers to present
+    a certificate (mutual TLS), the CA that must have signed it."""
+
+    cert_file: PathText
+    key_file: PathText
+    client_ca_file: PathText | None = None
+
+
+class TlsConfig(Section):
+    listen: ServerTlsConfig | None = None        # the inference listener
+    admin_listen: ServerTlsConfig | None = None  # the admin listener
+    backends: ClientTlsConfig | None = None      # the default of every backend (a model or backend may set its own)
 
 
 class EtcdTlsConfig(Section):

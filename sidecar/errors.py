@@ -42,6 +42,7 @@ CATALOG: Mapping[str, grpc.StatusCode] = {
     "QUOTA_EXCEEDED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "NO_BACKEND_AVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "BACKEND_UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "BACKEND_TLS_ERROR": grpc.StatusCode.UNAVAILABLE,  # the TLS handshake with the backend failed
     "SERVICE_UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "BACKEND_TIMEOUT": grpc.StatusCode.DEADLINE_EXCEEDED,
     "ROUTING_ERROR": grpc.StatusCode.INTERNAL,

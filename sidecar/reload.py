@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sidecar.config import Config, ConfigError, parse_config, read_config_text
+from sidecar.routing.backend_tls import backend_tls_problems
 
 __all__ = ["POLL_SECONDS", "RESTART", "RESTART_ONLY", "SETTLE_SECONDS", "check_reload", "describe_changes",
            "file_stamp", "read_config_text", "restart_only_changes", "watch_file"]
@@ -27,12 +28,15 @@ __all__ = ["POLL_SECONDS", "RESTART", "RESTART_ONLY", "SETTLE_SECONDS", "check_r
 # built once, with these. A new value is a rejected reload that names the key; restart to apply.
 RESTART_ONLY = (
     "listen", "admin_listen", "ops_listen", "max_message_bytes", "state_dir",
-    "limits.store", "limits.redis_url", "limits.redis_timeout_ms", "limits.on_store_error",
+    "limits.store", "limits.redis_url", "limits.redis_tls", "limits.redis_timeout_ms", "limits.on_store_error",
     "limits.expected_replicas", "limits.breaker_failures", "limits.breaker_cooldown_ms",
     "overrides.store", "usage", "audit",
-    "telemetry.otlp_endpoint", "telemetry.otlp_headers", "telemetry.export_timeout_ms",
+    "telemetry.otlp_endpoint", "telemetry.otlp_tls", "telemetry.otlp_headers", "telemetry.export_timeout_ms",
     "telemetry.service_name", "telemetry.resource_attributes", "telemetry.max_queued_spans",
     "telemetry.log_format", "config_source",
+    # TLS on a listener is bound to its port: on/off and the paths need a restart; the files'
+    # content rotates without one (tls_server.py)
+    "tls.listen", "tls.admin_listen",
 )
 RESTART = "cannot change while running; restart the sidecar"
 POLL_SECONDS = 1.0    # how often the file is looked at
@@ -44,9 +48,10 @@ def check_reload(running: Config, text: str, environ: Mapping[str, str] | None =
                  remote: bool = False) -> Config:
     """The config `text` describes, if it may replace `running`; else `ConfigError` with one
     `key.path: message` line per problem: invalid keys, and keys that need a restart. Safe to
-    call in a worker thread (configs are immutable). `remote`: a value of an etcd source."""
+    call in a worker thread (configs are immutable). `remote`: a value of an etcd source.
+    The backends' TLS files are read and checked too (they apply on reload)."""
     config = parse_config(text, environ, remote=remote)
-    problems = restart_only_changes(running, config)
+    problems = restart_only_changes(running, config) + backend_tls_problems(config)
     if problems:
         raise ConfigError(problems)
     return config

@@ -5,7 +5,9 @@ or against `sidecar demo` (its defaults are the demo's addresses and secrets).
 Each check prints one line, `ok` or `FAIL` with what was expected; the exit code is 1 when any
 check failed. The rate-limit check sends calls until one is refused with RATE_LIMIT_EXCEEDED:
 it uses up the caller's rate for up to a minute, so `--skip-rate-limit` leaves it out where
-that matters (a production sidecar serving real traffic under the same org).
+that matters (a production sidecar serving real traffic under the same org). Listeners with TLS
+are reached with `--ca-file` (and `--cert-file`/`--key-file` for mutual TLS) for `--target`, and
+the same options prefixed `--admin-` for `--admin` (cli_tls.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from sidecar_client import error_detail
 from sidecar_client.inference.v1 import inference_pb2, inference_pb2_grpc
 from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
+from sidecar.cli_tls import ChannelTls, channel
+
 CONTRACT_METRICS = ("grpc_server_handled_total", "grpc_server_handling_seconds", "api_router_backend_requests_total",
                     "api_router_backend_request_duration_seconds", "api_router_routing_decisions_total",
                     "api_router_backend_healthy")
@@ -41,6 +45,8 @@ class Options:
     model: str = "chat"
     skip_rate_limit: bool = False
     timeout: float = 10.0
+    target_tls: ChannelTls | None = None   # None: plaintext (cli_tls.py)
+    admin_tls: ChannelTls | None = None
 
 
 @dataclass
@@ -68,9 +74,10 @@ class Smoke:
 
     def health(self) -> str:
         statuses = {}
-        for where, target in (("listen", self.options.target), ("admin", self.options.admin)):
-            with grpc.insecure_channel(target) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
+        for where, target, tls in (("listen", self.options.target, self.options.target_tls),
+                                   ("admin", self.options.admin, self.options.admin_tls)):
+            with channel(target, tls) as health:
+                stub = health_pb2_grpc.HealthStub(health)
                 for service in ("", "liveness"):
                     answer = stub.Check(  # type: ignore[attr-defined]
                         health_pb2.HealthCheckRequest(service=service), timeout=self.options.timeout)
@@ -84,8 +91,8 @@ class Smoke:
 
     def unary(self) -> str:
         request = inference_pb2.InferRequest(model=self.options.model, input="smoke test", max_output_tokens=4)
-        with grpc.insecure_channel(self.options.target) as channel:
-            response, call = inference_pb2_grpc.InferenceStub(channel).Infer.with_call(
+        with self._target() as target:
+            response, call = inference_pb2_grpc.InferenceStub(target).Infer.with_call(
                 request, timeout=self.options.timeout, metadata=self._caller())
         self.request_id = str(dict(call.initial_metadata()).get("x-request-id", ""))
         assert self.request_id, "no x-request-id in the response's initial metadata"
@@ -94,8 +101,8 @@ class Smoke:
 
     def stream(self) -> str:
         request = inference_pb2.InferRequest(model=self.options.model, input="smoke test", max_output_tokens=4)
-        with grpc.insecure_channel(self.options.target) as channel:
-            chunks = list(inference_pb2_grpc.InferenceStub(channel).InferStream(
+        with self._target() as target:
+            chunks = list(inference_pb2_grpc.InferenceStub(target).InferStream(
                 request, timeout=self.options.timeout, metadata=self._caller()))
         assert chunks, "the stream ended without a chunk"
         assert chunks[-1].HasField("usage"), "the last chunk carries no usage"
@@ -103,9 +110,9 @@ class Smoke:
 
     def auth_failure(self) -> str:
         request = inference_pb2.InferRequest(model=self.options.model, input="smoke test")
-        with grpc.insecure_channel(self.options.target) as channel:
+        with self._target() as target:
             try:
-                inference_pb2_grpc.InferenceStub(channel).Infer(
+                inference_pb2_grpc.InferenceStub(target).Infer(
                     request, timeout=self.options.timeout, metadata=(("x-api-key", "sk-smoke-not-a-key"),))
             except grpc.RpcError as error:
                 reason = error_detail(error).reason
@@ -116,8 +123,8 @@ class Smoke:
 
     def rate_limit(self) -> str:
         request = inference_pb2.InferRequest(model=self.options.model, input="smoke test", max_output_tokens=4)
-        with grpc.insecure_channel(self.options.target) as channel:
-            infer = inference_pb2_grpc.InferenceStub(channel).Infer
+        with self._target() as target:
+            infer = inference_pb2_grpc.InferenceStub(target).Infer
 
             def one(_: int) -> tuple[str, str]:
                 try:
@@ -152,22 +159,28 @@ class Smoke:
 
     def audit(self) -> str:
         assert self.request_id, "no request id to look up (the unary check failed)"
-        with grpc.insecure_channel(self.options.admin) as channel:
-            record = admin_pb2_grpc.AuditStub(channel).GetRequest(
+        with self._admin_channel() as admin:
+            record = admin_pb2_grpc.AuditStub(admin).GetRequest(
                 admin_pb2.GetRequestRequest(request_id=self.request_id), timeout=self.options.timeout,
                 metadata=self._admin())
         assert record.usage.request_id == self.request_id, f"the record is of {record.usage.request_id!r}"
         return f"org {record.usage.org}, backend {record.usage.backend}, status {record.usage.status}"
 
     def routes(self) -> str:
-        with grpc.insecure_channel(self.options.admin) as channel:
-            answer = admin_pb2_grpc.RoutingAdminStub(channel).ListRoutes(
+        with self._admin_channel() as admin:
+            answer = admin_pb2_grpc.RoutingAdminStub(admin).ListRoutes(
                 admin_pb2.ListRoutesRequest(), timeout=self.options.timeout, metadata=self._admin())
         models = {r.model: [b.name for b in r.backends] for r in answer.routes}
         assert self.options.model in models, f"model {self.options.model!r} not in {sorted(models)}"
         return ", ".join(f"{m}: {'/'.join(b)}" for m, b in sorted(models.items()))
 
     # ----------------------------------------------------------------------------------------------
+
+    def _target(self) -> grpc.Channel:
+        return channel(self.options.target, self.options.target_tls)
+
+    def _admin_channel(self) -> grpc.Channel:
+        return channel(self.options.admin, self.options.admin_tls)
 
     def _caller(self) -> tuple[tuple[str, str], ...]:
         return (("x-api-key", self.options.api_key),)
@@ -176,8 +189,10 @@ class Smoke:
         return (("authorization", f"Bearer {self.options.admin_token}"),)
 
     def run(self) -> int:
+        tls = {"target": self.options.target_tls, "admin": self.options.admin_tls}
+        over = ", ".join(f"{name} over TLS" for name, t in tls.items() if t is not None)
         print(f"smoke test of the sidecar at {self.options.target} (admin {self.options.admin}, "
-              f"ops {self.options.ops})", flush=True)
+              f"ops {self.options.ops}{'; ' + over if over else ''})", flush=True)
         self.check("health", self.health)
         self.check("unary call", self.unary)
         self.check("streamed call", self.stream)

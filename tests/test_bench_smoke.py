@@ -29,6 +29,7 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("script", "args", "expected"), [
     ("trace_cost.py", ["--variants", "on,dead"], ["on - off:", "dead - off:", "spans exported"]),
     ("usage_cost.py", ["--variants", "kafka-interval"], ["kafka-interval - none:", "acknowledged by Kafka"]),
+    ("tls_cost.py", [], ["tls - plain:", "mtls - plain:"]),
 ])
 def test_paired_cost_benches_run(script: str, args: list[str], expected: list[str]) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--rounds", "1", "--requests", "600",

@@ -14,7 +14,10 @@ was generated. Knobs for tests and load tests:
   output tokens whatever was generated.
 - `--log-calls`: one JSON line per call on stdout when it starts (`call_started`: request id and
   the seconds left of the deadline it received) and when it ends (`call`: request id, metadata
-  keys received, outcome `ok`, `failed` or `cancelled`).
+  keys received, outcome `ok`, `failed` or `cancelled`, and over mutual TLS `client_cn`, the
+  common name of the certificate the caller presented).
+- `--tls-cert FILE --tls-key FILE`: serve over TLS (PEM); `--client-ca FILE` also requires every
+  caller to present a certificate signed by that CA (mutual TLS). Read once, at start.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,6 +50,9 @@ class DemoOptions:
     chunk_bytes: int = 0
     log_calls: bool = False
     seed: int | None = None
+    tls_cert: str | None = None   # PEM files: with tls_key, serve over TLS
+    tls_key: str | None = None
+    client_ca: str | None = None  # require callers' certificates signed by this CA (mutual TLS)
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,9 @@ class _CallLog:
                 "metadata_keys": sorted({k for k, _ in metadata}),
                 "traceparent": next((v for k, v in metadata if k == "traceparent"), None),
                 "duration_ms": round((time.perf_counter() - self.started) * 1000, 3)}
+        common_names = list(self.context.auth_context().get("x509_common_name", ()))
+        if common_names:  # mutual TLS: whose certificate the caller presented (tests see rotations)
+            line["client_cn"] = common_names[0].decode()
         print(json.dumps(line), flush=True)
 
 
@@ -193,7 +203,7 @@ async def serve_backend(listen: str, options: DemoOptions, ready: asyncio.Event 
     for service in ("", inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(listen)
+    port = _add_port(server, listen, options)
     await server.start()
     print(json.dumps({"event": "listening", "address": f"{listen.rpartition(':')[0]}:{port}"}), flush=True)
     if ready is not None:
@@ -207,6 +217,22 @@ async def serve_backend(listen: str, options: DemoOptions, ready: asyncio.Event 
         await server.stop(0.5)
 
 
+def _add_port(server: grpc.aio.Server, listen: str, options: DemoOptions) -> int:
+    """Plaintext, TLS (`tls_cert`/`tls_key`) or mutual TLS (and `client_ca`)."""
+    credentials = server_credentials(options)
+    return server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+
+
+def server_credentials(options: DemoOptions) -> grpc.ServerCredentials | None:
+    """The TLS credentials the options name (None: plaintext); OSError when a file cannot be read."""
+    if options.tls_cert is None or options.tls_key is None:
+        return None
+    key, cert = Path(options.tls_key).read_bytes(), Path(options.tls_cert).read_bytes()
+    client_ca = Path(options.client_ca).read_bytes() if options.client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
 def run_backend(listen: str, options: DemoOptions) -> None:
     """Entry point of `sidecar demo-backend`: serves until SIGTERM/SIGINT."""
     import signal
@@ -218,6 +244,10 @@ def run_backend(listen: str, options: DemoOptions) -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve_backend(listen, options, stop=stop)
 
+    try:
+        server_credentials(options)
+    except OSError as exc:
+        sys.exit(f"demo-backend: cannot read a TLS file: {exc}")
     try:
         asyncio.run(main())
     except (OSError, RuntimeError) as exc:  # grpc reports a port in use as RuntimeError

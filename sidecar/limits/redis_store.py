@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -61,6 +61,9 @@ from sidecar.limits.gcra import charged
 from sidecar.limits.redis_scripts import ADMIT, FLEET, SETTLE, VOID, Script
 from sidecar.limits.store import Ask, StoreUnavailable, Verdict
 from sidecar.tasks import Tasks
+
+if TYPE_CHECKING:
+    from sidecar.config import ClientTlsConfig
 
 log = logging.getLogger("sidecar.limits")
 
@@ -122,11 +125,12 @@ class Resend:
 class RedisLimitStore:
     name = "redis"
 
-    def __init__(self, url: str, timeout: float, *, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, url: str, timeout: float, *, wall: Callable[[], float] = time.time,
+                 tls: ClientTlsConfig | None = None) -> None:
         # few connections (per node): one batch is in flight at a time, plus resends and a probe.
         # No socket timeout: one deadline bounds each whole round trip (`_eval`, `ping`), and costs
         # one timer per batch instead of one per reply read
-        self._redis = redis_client.connect(url, timeout, socket_timeout=None)
+        self._redis = redis_client.connect(url, timeout, socket_timeout=None, tls=tls)
         self._cluster = self._redis if isinstance(self._redis, RedisCluster) else None
         self._timeout = timeout
         self._wall = wall

@@ -31,6 +31,7 @@ class Endpoint:
     drained: bool = False         # by an operator: no new calls, running ones finish
     latency: PeakEwma = field(default_factory=PeakEwma)  # of answered calls, for p2c_ewma
     retired: bool = False         # a reload removed it: calls still running on it finish, nothing new
+    tls_error: str = ""           # the cause of its last failed TLS handshake, until one succeeds
     tags: dict[str, object] = field(default_factory=dict)  # per-endpoint caches (metric children)
 
     @property

@@ -1,9 +1,11 @@
-"""Active health checks: `grpc.health.v1.Health/Check` to every backend address on an interval.
+"""Active health checks: `grpc.health.v1.Health/Check` to every backend channel on an interval.
 
-One named task per distinct address, on the same channel the calls use (so a check also keeps
-that channel connected). A check passes when the backend answers SERVING within the timeout;
-anything else fails it. The router turns streaks of results into healthy/unhealthy. After a
-config reload, `reconfigure` starts checks of new addresses, stops those of removed ones, and
+One named task per distinct channel key (address and TLS setting), on the same channel the calls
+use -- the one in force at each check, so the same credentials, and after a certificate rotation
+the new channel -- and a check also keeps that channel connected. A check passes when the backend
+answers SERVING within the timeout; anything else fails it, and a failed TLS handshake is also
+reported as such (backend_tls.py). The router turns streaks of results into healthy/unhealthy.
+After a config reload, `reconfigure` starts checks of new keys, stops those of removed ones, and
 every check from then on uses the new settings.
 """
 from __future__ import annotations
@@ -15,9 +17,10 @@ import grpc
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from sidecar.config import HealthChecksConfig
-from sidecar.routing.channels import Channels
+from sidecar.routing.channels import ChannelKey, Channels
 from sidecar.routing.router import Router
 from sidecar.tasks import Tasks
+from sidecar.tls_client import handshake_failure
 
 log = logging.getLogger("sidecar.routing")
 CHECK = "/grpc.health.v1.Health/Check"
@@ -30,7 +33,7 @@ class HealthChecker:
         self._channels = channels
         self._config = config
         self._tasks = Tasks()
-        self._checks: dict[str, asyncio.Task[None]] = {}  # address -> its task
+        self._checks: dict[ChannelKey, asyncio.Task[None]] = {}  # channel key -> its task
         self._started = False
 
     def start(self) -> None:
@@ -38,37 +41,40 @@ class HealthChecker:
         self.reconfigure(self._config)
 
     def reconfigure(self, config: HealthChecksConfig) -> None:
-        """Checks every address the router has now, with `config` (at start and after a reload)."""
+        """Checks every channel key the router has now, with `config` (at start and after a reload)."""
         self._config = config
         if not self._started:
             return
-        wanted = set(self._router.addresses) if config.enabled else set()
-        for address in [a for a in self._checks if a not in wanted]:
-            self._checks.pop(address).cancel()
-        for address in wanted.difference(self._checks):
-            check: Check = self._channels.channel(address).unary_unary(
-                CHECK, request_serializer=HealthCheckRequest.SerializeToString,
-                response_deserializer=HealthCheckResponse.FromString)
-            self._checks[address] = self._tasks.spawn(self._check_forever(address, check),
-                                                      name=f"health-check {address}")
+        wanted = set(self._router.channel_keys) if config.enabled else set()
+        for key in [k for k in self._checks if k not in wanted]:
+            self._checks.pop(key).cancel()
+        for key in wanted.difference(self._checks):
+            self._checks[key] = self._tasks.spawn(self._check_forever(key), name=f"health-check {key}")
 
-    async def _check_forever(self, address: str, check: Check) -> None:
+    async def _check_forever(self, key: ChannelKey) -> None:
         while True:
             config = self._config  # the settings in force, a reload included
-            passed = await self._passes(check, HealthCheckRequest(service=config.service), config.timeout_ms)
-            self._router.record_check(address, passed)
+            check: Check = self._channels.channel(key).unary_unary(  # the channel in force, a rotation included
+                CHECK, request_serializer=HealthCheckRequest.SerializeToString,
+                response_deserializer=HealthCheckResponse.FromString)
+            passed, tls_cause = await self._passes(key, check, HealthCheckRequest(service=config.service),
+                                                   config.timeout_ms)
+            self._router.record_check(key, passed, tls_cause)
             await asyncio.sleep(self._config.interval_ms / 1000.0)
 
-    async def _passes(self, check: Check, request: HealthCheckRequest, timeout_ms: int) -> bool:
+    async def _passes(self, key: ChannelKey, check: Check, request: HealthCheckRequest,
+                      timeout_ms: int) -> tuple[bool, str | None]:
+        """Whether the check passed and, when it failed on the TLS handshake, why."""
         try:
             response = await check(request, timeout=timeout_ms / 1000.0)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(response.status == HealthCheckResponse.SERVING)
+        except grpc.aio.AioRpcError as exc:
+            tls = key.tls is not None and exc.code() == grpc.StatusCode.UNAVAILABLE
+            return False, handshake_failure(exc.details()) if tls else None
+        return bool(response.status == HealthCheckResponse.SERVING), None
 
     async def aclose(self) -> None:
         self._checks.clear()
         await self._tasks.aclose(timeout=0)
 
     def __repr__(self) -> str:
-        return f"<HealthChecker {sorted(self._checks)} every {self._config.interval_ms} ms>"
+        return f"<HealthChecker {sorted(map(str, self._checks))} every {self._config.interval_ms} ms>"

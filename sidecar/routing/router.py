@@ -2,9 +2,10 @@
 
 Owns every model's endpoints (`endpoints.py`), the balancer and the retry budget. The pipeline's
 `PickBackend` stage calls `pick`; the proxy reports every attempt (`attempt_started`,
-`attempt_ended`) and asks `retry` after a failed one; the health checker reports checks
-(`record_check`). Changes of routability call `on_change`, so readiness can follow them. A
-config reload calls `reconfigure`, which keeps what was learnt about the backends that stay.
+`attempt_ended`, and `tls_failed` for a failed TLS handshake) and asks `retry` after a failed
+one; the health checker reports checks (`record_check`). Changes of routability call
+`on_change`, so readiness can follow them. A config reload (and a certificate rotation) calls
+`reconfigure`, which keeps what was learnt about the backends that stay.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from sidecar.call import AttemptRecord, Call
 from sidecar.config import Config
 from sidecar.errors import SidecarError
 from sidecar.routing.affinity import HashRing
+from sidecar.routing.backend_tls import TlsFailures
 from sidecar.routing.balancer import WeightedRandom
-from sidecar.routing.channels import Backend
+from sidecar.routing.channels import Backend, ChannelKey
 from sidecar.routing.endpoints import Endpoint, may_eject
 from sidecar.routing.overrides import FILE_NAME as OVERRIDES_FILE
 from sidecar.routing.overrides import Override, OverrideTable
@@ -57,19 +59,21 @@ class Router:
         self._pins: dict[str, Endpoint] = {}
         self._override_timer: asyncio.TimerHandle | None = None  # the next expiry's re-apply
         self.on_change: Callable[[], None] = lambda: None
+        self.tls = TlsFailures()
         self._build(config, {model: [Endpoint(b) for b in group] for model, group in backends.items()})
         for group in self.endpoints.values():
             for endpoint in group:
                 BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
                 BACKEND_USAGE_CLAMPED.labels(endpoint.backend.model, endpoint.name)  # a rare event: exists at 0
+                self.tls.prepare(endpoint)
 
     def _build(self, config: Config, endpoints: dict[str, list[Endpoint]]) -> None:
         """The tables and settings taken from a config: at start, and on every reload."""
         self.endpoints = endpoints
-        self._by_address: dict[str, list[Endpoint]] = {}
+        self._by_key: dict[ChannelKey, list[Endpoint]] = {}
         for group in endpoints.values():
             for endpoint in group:
-                self._by_address.setdefault(endpoint.backend.config.address, []).append(endpoint)
+                self._by_key.setdefault(endpoint.backend.key, []).append(endpoint)
         self._balancer = WeightedRandom(endpoints, self._rng, p2c_models=[
             m for m, model in config.models.items() if model.balancer == "p2c_ewma"])
         self._rings = {m: HashRing([b.name for b in model.backends])
@@ -83,18 +87,18 @@ class Router:
 
     def reconfigure(self, config: Config, backends: dict[str, list[Backend]]) -> None:
         """After a reload, in one synchronous step (no call sees half of it). A backend whose
-        model, name and address stay keeps its endpoint -- health, ejection, latency, calls in
-        flight -- with its new settings (weight, priority, max_in_flight); new backends start
-        healthy; removed ones are retired: calls running on them finish, and nothing is learnt
-        from them any more. Overrides apply again (one whose backend left waits for its return)."""
-        kept = {(e.backend.model, e.name, e.backend.config.address): e
-                for group in self.endpoints.values() for e in group}
+        model, name, address and TLS setting stay keeps its endpoint -- health, ejection, latency,
+        calls in flight -- with its new settings (weight, priority, max_in_flight) and channel (a
+        certificate rotation calls this with the same config); new backends start healthy;
+        removed ones are retired: calls running on them finish, and nothing is learnt from them
+        any more. Overrides apply again (one whose backend left waits for its return)."""
+        kept = {(e.backend.model, e.name, e.backend.key): e for group in self.endpoints.values() for e in group}
         endpoints: dict[str, list[Endpoint]] = {}
         added: list[Endpoint] = []
         for model, configured in backends.items():
             endpoints[model] = []
             for backend in configured:
-                staying = kept.pop((model, backend.name, backend.config.address), None)
+                staying = kept.pop((model, backend.name, backend.key), None)
                 if staying is None:
                     staying = Endpoint(backend)
                     added.append(staying)
@@ -109,6 +113,7 @@ class Router:
         for endpoint in added:
             BACKEND_HEALTHY.labels(endpoint.backend.model, endpoint.name).set(1)
             BACKEND_USAGE_CLAMPED.labels(endpoint.backend.model, endpoint.name)
+            self.tls.prepare(endpoint)
         if not config.health_checks.enabled:  # as at a start without checks: nothing marks them down
             for group in endpoints.values():
                 for endpoint in group:
@@ -119,8 +124,9 @@ class Router:
                 self._announce(endpoint)
 
     @property
-    def addresses(self) -> list[str]:
-        return list(self._by_address)
+    def channel_keys(self) -> list[ChannelKey]:
+        """The distinct channels of the backends (what health checks check)."""
+        return list(self._by_key)
 
     # --- choosing ------------------------------------------------------------------------------
 
@@ -243,6 +249,8 @@ class Router:
         if code == grpc.StatusCode.OK:
             endpoint.record_success(now, self._outlier)
             endpoint.latency.observe(seconds, now)
+            if endpoint.tls_error:
+                self.tls.recovered(endpoint)
         elif code in BACKEND_FAULTS or (code == grpc.StatusCode.DEADLINE_EXCEEDED and backend_timed_out):
             BACKEND_ERRORS.labels(endpoint.backend.model, endpoint.name, name).inc()
             group = self.endpoints[endpoint.backend.model]
@@ -254,9 +262,19 @@ class Router:
                 _later(endpoint.ejected_until - now, lambda: self._announce(endpoint))
         self._announce(endpoint)
 
-    def record_check(self, address: str, passed: bool) -> None:
-        """One active health check of `address` (shared by every model's backend there)."""
-        for endpoint in self._by_address.get(address, ()):
+    def tls_failed(self, endpoint: Endpoint, cause: str) -> None:
+        """A call's attempt on `endpoint` failed its TLS handshake (the attempt still ends as usual)."""
+        if not endpoint.retired:
+            self.tls.failed(endpoint, cause, "call")
+
+    def record_check(self, key: ChannelKey, passed: bool, tls_cause: str | None = None) -> None:
+        """One active health check of the channel `key` (shared by every model's backend there);
+        `tls_cause`: it failed on the TLS handshake, for this reason."""
+        for endpoint in self._by_key.get(key, ()):
+            if tls_cause is not None:
+                self.tls.failed(endpoint, tls_cause, "health_check")
+            elif passed and endpoint.tls_error:
+                self.tls.recovered(endpoint)
             if endpoint.record_check(passed, self._health.unhealthy_threshold, self._health.healthy_threshold):
                 log.warning("backend %s", "healthy" if passed else "unhealthy",
                             extra={"model": endpoint.backend.model, "backend": endpoint.name})
@@ -283,8 +301,13 @@ class Router:
         models = {model: {e.name: ("ejected" if e.ejected(now) else "healthy" if e.healthy else "unhealthy")
                           for e in group} for model, group in self.endpoints.items()}
         in_flight = {model: {e.name: e.in_flight for e in group} for model, group in self.endpoints.items()}
-        return {"status": "ok" if self.any_routable() else "no_healthy_backend", "models": models,
-                "in_flight": in_flight}
+        component = {"status": "ok" if self.any_routable() else "no_healthy_backend", "models": models,
+                     "in_flight": in_flight}
+        tls_errors = {model: failing for model, group in self.endpoints.items()
+                      if (failing := {e.name: e.tls_error for e in group if e.tls_error})}
+        if tls_errors:  # the cause of each backend's last failed TLS handshake, until one succeeds
+            component["tls_errors"] = tls_errors
+        return component
 
     def __repr__(self) -> str:
         return f"<Router models={sorted(self.endpoints)} {self._budget!r}>"

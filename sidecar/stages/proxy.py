@@ -27,6 +27,7 @@ from sidecar.call import Call
 from sidecar.errors import BACKEND_ERROR, SidecarError
 from sidecar.routing.channels import Backend
 from sidecar.routing.router import Router
+from sidecar.tls_client import DESCRIPTIONS
 
 
 async def unary(call: Call, router: Router, started: Callable[[], Awaitable[None]]) -> bytes:
@@ -44,12 +45,12 @@ async def unary(call: Call, router: Router, started: Callable[[], Awaitable[None
             try:
                 response: bytes = await rpc
             except grpc.aio.AioRpcError as exc:
-                attempt.code, failure = exc.code(), exc.with_traceback(None)  # no frame cycle
+                failure = attempt.failed(exc)
             else:
                 _read_usage(call, attempt, response)
                 return response
         if not router.retry(call, failure.code()):
-            raise backend_failure(failure, attempt.endpoint.backend)
+            raise backend_failure(failure, attempt.endpoint.backend, attempt.tls_cause)
 
 
 async def relay_stream(call: Call, router: Router) -> AsyncGenerator[bytes, None]:
@@ -65,13 +66,13 @@ async def relay_stream(call: Call, router: Router) -> AsyncGenerator[bytes, None
                     last = chunk
                     yield chunk
             except grpc.aio.AioRpcError as exc:
-                attempt.code, failure = exc.code(), exc.with_traceback(None)  # no frame cycle
+                failure = attempt.failed(exc)
             else:
                 if last is not None:
                     _read_usage(call, attempt, last)
                 return
         if last is not None or not router.retry(call, failure.code()):
-            raise backend_failure(failure, attempt.endpoint.backend)
+            raise backend_failure(failure, attempt.endpoint.backend, attempt.tls_cause)
 
 
 def _read_usage(call: Call, attempt: Attempt, answer: bytes) -> None:
@@ -87,16 +88,21 @@ def _read_usage(call: Call, attempt: Attempt, answer: bytes) -> None:
                                      "error": str(exc)}) from None
 
 
-def backend_failure(exc: grpc.aio.AioRpcError, backend: Backend) -> SidecarError:
+def backend_failure(exc: grpc.aio.AioRpcError, backend: Backend, tls_cause: str | None = None) -> SidecarError:
     """Maps a failed backend call to the catalog.
 
     1. DEADLINE_EXCEEDED: the backend did not answer in time -> BACKEND_TIMEOUT.
-    2. UNAVAILABLE: could not connect, or the backend says it cannot serve -> BACKEND_UNAVAILABLE;
+    2. UNAVAILABLE on a failed TLS handshake (`tls_cause`, from `Attempt.failed`) ->
+       BACKEND_TLS_ERROR naming the cause; grpc's message (addresses, OpenSSL's words) is not echoed.
+    3. UNAVAILABLE: could not connect, or the backend says it cannot serve -> BACKEND_UNAVAILABLE;
        grpc's message names addresses, so the caller gets ours instead.
-    3. Anything else is the backend's own answer: its code and message are kept (BACKEND_ERROR).
+    4. Anything else is the backend's own answer: its code and message are kept (BACKEND_ERROR).
     """
     code = exc.code()
     where = {"model": backend.model, "backend": backend.name}
+    if tls_cause is not None:
+        return SidecarError("BACKEND_TLS_ERROR", f"backend {backend.name!r} failed the TLS handshake: "
+                            f"{DESCRIPTIONS[tls_cause]}", metadata={**where, "cause": tls_cause})
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return SidecarError("BACKEND_TIMEOUT", f"backend {backend.name!r} did not answer in time",
                             metadata=where)

@@ -50,6 +50,10 @@ CALL_FINISHER_ERRORS = Counter(
     "raised at the end of a call; the others still ran.", ["finisher"])
 BACKEND_EJECTIONS = Counter(
     "api_router_backend_ejections", "Times a backend was ejected after consecutive failures.", ["model", "backend"])
+BACKEND_TLS_ERRORS = Counter(
+    "api_router_backend_tls_errors", "TLS handshakes with a backend that failed, seen by calls and by health "
+    "checks, by cause (unknown_ca, name_mismatch, expired, client_cert_rejected, not_tls, other).",
+    ["model", "backend", "cause"])
 BACKEND_HEALTHY = Gauge(
     "api_router_backend_healthy", "1 while a backend passes health checks and is not ejected, else 0.",
     ["model", "backend"])
@@ -131,3 +135,14 @@ CONFIG_SOURCE_UP = Gauge(
 CONFIG_SOURCE_REVISION = Gauge(
     "api_router_config_source_revision", "etcd source: the revision (mod_revision) of the config that runs; "
     "0 for a file.")
+
+# --- TLS listeners (tls_server.py) ------------------------------------------------------------
+TLS_LISTENERS = ("listen", "admin_listen")
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "api_router_tls_certificate_expiry_timestamp_seconds", "When the certificate a TLS listener serves expires "
+    "(Unix seconds); a series per listener with TLS.", ["listener"])
+TLS_CERTIFICATE_RELOAD_RESULTS = ("success", "failure")
+TLS_CERTIFICATE_RELOADS = Counter(
+    "api_router_tls_certificate_reloads", "Changed certificate files of a TLS listener: success (new connections "
+    "get the new certificate), failure (unusable files; the previous certificate keeps serving).",
+    ["listener", "result"])

@@ -13,9 +13,11 @@ A sampled call records its spans as plain tuples while it runs: one per traced p
 the parent in `traceparent` — and one for the usage hand-off. When the call has ended,
 `Tracer.finish` adds the server span and queues the lot. The exporter task turns the queue into
 one OTLP `ExportTraceServiceRequest` per batch (every second, or at once when 512 spans wait)
-and sends it; one export is in flight at a time. Nothing of that runs on the call path, and a
-dead or hanging collector only costs spans: the queue is bounded (`max_queued_spans`), what does
-not fit or fails to export is dropped and counted, and calls never wait for it.
+and sends it; one export is in flight at a time. The channel (otlp_channel.py) is TLS for an
+`https://` endpoint, with `telemetry.otlp_tls`, and is built anew when those files change.
+Nothing of that runs on the call path, and a dead or hanging collector only costs spans: the
+queue is bounded (`max_queued_spans`), what does not fit or fails to export is dropped and
+counted, and calls never wait for it.
 
 Spans are built straight into OTLP protobufs rather than through the OpenTelemetry SDK: the
 SDK's span objects cost ~70 µs of CPU per sampled call on the call path and ~90 µs more to
@@ -31,13 +33,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from sidecar import __version__
 from sidecar.telemetry.metrics import TRACE_SPANS_DROPPED, TRACE_SPANS_EXPORTED
+from sidecar.telemetry.otlp_channel import OtlpChannel
 from sidecar.telemetry.trace_context import Span, new_span_id
 
 if TYPE_CHECKING:
@@ -95,8 +98,8 @@ class Tracer:
         self._queue: list[tuple[str, tuple[Span, ...]]] = []  # (trace id, spans) per call
         self._queued_spans = 0
         self._ready = asyncio.Event()
-        self._channel: grpc.aio.Channel | None = None
-        self._export: Callable[..., Any] | None = None
+        self._tls = telemetry.otlp_tls
+        self._otlp: OtlpChannel | None = None  # from `run`: the channel and its Export
         self._headers = tuple((k.lower(), v) for k, v in telemetry.otlp_headers.items())
         self._timeout = telemetry.export_timeout_ms / 1000.0
         self._max_spans = telemetry.max_queued_spans
@@ -157,23 +160,19 @@ class Tracer:
         """The exporter task: one batch per second, or as soon as a full batch waits."""
         if not self.endpoint:
             return
-        scheme, _, target = self.endpoint.partition("://")
-        target = target.rstrip("/")
-        # a collector back after an outage is found within 5 s (grpc's default backoff grows to 2 min)
-        options = [("grpc.initial_reconnect_backoff_ms", 1000), ("grpc.max_reconnect_backoff_ms", 5000)]
-        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-                         if scheme == "https" else grpc.aio.insecure_channel(target, options=options))
-        self._export = trace_service_pb2_grpc.TraceServiceStub(self._channel).Export  # type: ignore[no-untyped-call]
+        self._otlp = OtlpChannel(self.endpoint, self._tls)
         while True:
             try:
                 await asyncio.wait_for(self._ready.wait(), EXPORT_INTERVAL)
             except TimeoutError:
                 pass
+            await self._otlp.refresh()  # rotated TLS files: the next exports use a new channel
             await self.flush()
 
     async def flush(self, timeout: float | None = None) -> None:
         """Exports what is queued now, in batches; drops (and counts) what the collector refuses."""
-        while self._queue and self._export is not None:
+        otlp = self._otlp
+        while self._queue and otlp is not None:
             take = spans = 0
             for _, queued in self._queue:
                 if spans >= BATCH_SPANS:
@@ -183,15 +182,17 @@ class Tracer:
             batch, self._queue = self._queue[:take], self._queue[take:]
             self._queued_spans -= spans
             self._ready.clear()
-            assert self._channel is not None
-            if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            if otlp.channel is None or otlp.export is None:
+                TRACE_SPANS_DROPPED.labels("export_failed").inc(spans)  # no channel: its TLS files do not load
+                continue
+            if otlp.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
                 # the collector is known to be down (the channel retries it in the background):
                 # dropped without building a request nobody will take
                 TRACE_SPANS_DROPPED.labels("export_failed").inc(spans)
                 continue
             request = await self._request(batch)
             try:
-                await self._export(request, timeout=timeout or self._timeout, metadata=self._headers)
+                await otlp.export(request, timeout=timeout or self._timeout, metadata=self._headers)
             except (TimeoutError, grpc.aio.AioRpcError) as exc:
                 TRACE_SPANS_DROPPED.labels("export_failed").inc(spans)
                 if not self._failing:
@@ -243,13 +244,13 @@ class Tracer:
 
     async def aclose(self) -> None:
         """At shutdown: a last export (a short wait), then the channel closes."""
-        if self._channel is None:
+        if self._otlp is None:
             return
         try:
             await asyncio.wait_for(self.flush(timeout=min(self._timeout, 2.0)), 3.0)
         except TimeoutError:
             pass  # a collector that does not answer: what is left goes with the process
-        await self._channel.close()
+        await self._otlp.aclose()
 
     def __repr__(self) -> str:
         return f"<Tracer {self.endpoint or 'off'} queued={self._queued_spans} exported={self.exported}>"

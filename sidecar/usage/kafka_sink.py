@@ -40,7 +40,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
-from sidecar.config import UsageConfig, UsageKafkaConfig
+from sidecar.config import ConfigError, UsageConfig, UsageKafkaConfig
 from sidecar.tasks import Tasks
 from sidecar.telemetry.logging import REPEAT_LOG_SECONDS, LogThrottle
 from sidecar.telemetry.metrics import (
@@ -182,7 +182,13 @@ class KafkaSink:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._producer = self._new_producer()
+        """The first producer, then the spool and the replay of what an earlier run left. A
+        producer librdkafka refuses to build (a property it does not know, an `ssl.*.location`
+        it cannot load) is a config error: `sidecar run` exits 2 naming the key."""
+        try:
+            self._producer = self._new_producer()
+        except KafkaException as exc:
+            raise ConfigError([f"usage.kafka.properties: librdkafka refuses them: {exc.args[0].str()}"]) from None
         self.spool.start()
         self._tasks.spawn(self._poll_loop(), name="kafka-poll")
         self._tasks.spawn(self._replay_loop(), name="usage-replay")
@@ -191,12 +197,15 @@ class KafkaSink:
             self._replay_wanted.set()
 
     def _new_producer(self) -> Producer:
-        self._generation += 1
-        self._last_epoch = None
-        generation = self._generation
-        return Producer({**producer_config(self._kafka),
-                         "error_cb": partial(self._on_error, generation),
-                         "stats_cb": partial(self._on_stats, generation)})
+        """A producer of the next generation; librdkafka reads the files its properties name
+        (`ssl.*.location`) now, so a replaced producer takes up rotated certificates. Raises
+        `KafkaException` when librdkafka refuses, leaving the generation as it was."""
+        generation = self._generation + 1
+        producer = Producer({**producer_config(self._kafka),
+                             "error_cb": partial(self._on_error, generation),
+                             "stats_cb": partial(self._on_stats, generation)})
+        self._generation, self._last_epoch = generation, None
+        return producer
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Waits up to `timeout` for outstanding deliveries; what is left stays in the spool."""
@@ -398,7 +407,14 @@ class KafkaSink:
             return
         self._rebuilt_generation = self._generation
         old = self._producer
-        self._producer = self._new_producer()
+        try:
+            self._producer = self._new_producer()
+        except KafkaException as exc:  # e.g. certificate files rotated into a state librdkafka cannot load
+            self._rebuilt_generation = -1  # tried again at the next failure
+            _ERROR_LOG.log(logging.ERROR, "producer refused", "kafka producer cannot be replaced: librdkafka "
+                           "refuses its properties; records wait in the spool",
+                           extra={"cause": cause, "error": exc.args[0].str()})
+            return
         requeued = self.spool.requeue_in_flight()  # what was not stored yet, too: replay sends it once it is
         self._unproduced.clear()
         self._broker_up = False  # until the new producer's statistics or acknowledgements say otherwise

@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from sidecar.config import Config, ConfigError, parse_config
+from tests.harness.certs import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -43,8 +44,9 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 TARGETS = {"base": KUSTOMIZE / "base", "staging": KUSTOMIZE / "overlays" / "staging",
            "production": KUSTOMIZE / "overlays" / "production"}
 SIDECAR = "inference-sidecar"      # the sidecar's container name
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}  # Certificate: cert-manager
 READINESS_SERVICES = {"", "inference.v1.Inference"}
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 KAFKA_FLUSH_MS = 5000              # what the sidecar gives Kafka after draining (docs/configuration.md)
 
 
@@ -311,7 +313,7 @@ def test_renders_and_validates_strictly(target: str, tmp_path: Path) -> None:
         if doc["kind"] in CRD_KINDS:
             continue   # no schema there: checked by content below
         assert f"passed for resource {name}" in output, f"{name} was not validated:\n{output}"
-    assert {d["kind"] for d in docs} >= {"Deployment", "ConfigMap", "Service"} | CRD_KINDS
+    assert {d["kind"] for d in docs} >= {"Deployment", "ConfigMap", "Service", "ServiceMonitor", "PrometheusRule"}
     assert not [line for line in output.splitlines() if "Couldn't find schema" in line
                 and not any(f"kind {kind} " in line for kind in CRD_KINDS)], output
 
@@ -335,24 +337,38 @@ def test_sidecar_is_a_native_sidecar(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_probes_are_grpc_on_a_listener_the_kubelet_reaches(target: str) -> None:
-    """The kubelet probes the pod IP: the probed listener must not be loopback; inference stays loopback."""
+def test_probes_reach_a_listener_the_kubelet_can_speak_to(target: str) -> None:
+    """The kubelet probes the pod IP, and its grpc: probes speak plaintext only: a probe is HTTP on
+    ops_listen (/healthz: liveness, /readyz: readiness), or grpc on a gRPC listener bound beyond
+    loopback without TLS (only `listen` may be: admin_listen there must have TLS). Inference stays
+    on loopback."""
     docs = rendered(target)
     container = sidecar_container(docs)
     config = sidecar_config(docs)
-    assert host_of(config.listen) in {"127.0.0.1", "::1", "localhost"}, "inference is for the app in the pod only"
-    reachable = {port_of(a) for a in (config.listen, config.admin_listen) if host_of(a) in {"0.0.0.0", "::"}}
-    assert reachable, "one gRPC listener (with grpc.health.v1) must listen on the pod IP for the probes"
+    assert host_of(config.listen) in LOOPBACK, "inference is for the app in the pod only"
+    assert host_of(config.admin_listen) in LOOPBACK or config.tls.admin_listen is not None, (
+        "the sidecar refuses a plaintext admin listener beyond loopback")
+    grpc_plaintext = {port_of(a) for a, tls in ((config.listen, config.tls.listen),
+                                                (config.admin_listen, config.tls.admin_listen))
+                      if host_of(a) in {"0.0.0.0", "::"} and tls is None}
+    assert host_of(config.ops_listen) in {"0.0.0.0", "::"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    ops_port = port_of(config.ops_listen)
 
     probes = {kind: container[kind] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    paths = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    services = {"startupProbe": {"liveness"}, "livenessProbe": {"liveness"}, "readinessProbe": READINESS_SERVICES}
     for kind, probe in probes.items():
-        assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{kind} is a grpc probe"
-        assert probe["grpc"]["port"] in reachable, f"{kind} probes a port the kubelet can reach"
-    assert probes["livenessProbe"]["grpc"]["service"] == "liveness"
-    assert probes["startupProbe"]["grpc"]["service"] == "liveness"
-    assert probes["readinessProbe"]["grpc"].get("service", "") in READINESS_SERVICES
-    ports = {p["containerPort"] for p in container["ports"]}
-    assert reachable <= ports and port_of(config.ops_listen) in ports
+        (how,) = set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"}
+        if how == "httpGet":
+            port = probe["httpGet"]["port"]
+            assert ports.get(port, port) == ops_port, f"{kind} probes the ops listener"
+            assert probe["httpGet"]["path"] == paths[kind] and probe["httpGet"].get("scheme", "HTTP") == "HTTP"
+        else:
+            assert how == "grpc", f"{kind}: an httpGet or grpc probe"
+            assert probe["grpc"]["port"] in grpc_plaintext, f"{kind}: a plaintext gRPC listener the kubelet reaches"
+            assert probe["grpc"].get("service", "") in services[kind]
+    assert ops_port in ports.values()
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -432,11 +448,35 @@ def test_secrets_come_from_secret_key_refs(target: str) -> None:
         assert env["APP_KEY_SHA256"] == "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
+def secret_mounts(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The sidecar's volume mounts of Secrets: mountPath -> the volume's `secret`."""
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]["secret"] for m in sidecar_container(docs)["volumeMounts"]
+            if "secret" in volumes[m["name"]]}
+
+
+def with_mounted_secrets(docs: list[dict[str, Any]], text: str, where: Path) -> str:
+    """The config text with its certificate Secret mounts made real: each becomes a directory of
+    test certificates (tls.crt, tls.key, ca.crt as cert-manager writes them) under `where`, and the
+    config's paths point there."""
+    for mount in secret_mounts(docs):
+        pki = Pki(where / "pki")
+        issued = pki.issue("sidecar", client=True)
+        directory = where / mount.strip("/").replace("/", "_")
+        directory.mkdir(parents=True)
+        for name, source in (("tls.crt", issued.cert), ("tls.key", issued.key), ("ca.crt", pki.ca)):
+            shutil.copy(source, directory / name)
+        text = text.replace(mount.rstrip("/") + "/", f"{directory}/")
+    return text
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_config_passes_the_sidecars_validator(target: str, tmp_path: Path) -> None:
-    """`sidecar check-config` on the ConfigMap's text, in exactly the environment of the pod."""
+    """`sidecar check-config` on the ConfigMap's text, in exactly the environment of the pod (its
+    certificate Secrets mounted: test certificates where the pod has the Secret's)."""
     docs = rendered(target)
     _, text = sidecar_config_text(docs)
+    text = with_mounted_secrets(docs, text, tmp_path)
     path = tmp_path / "config.yaml"
     path.write_text(text)
     env = container_env(docs, sidecar_container(docs))
@@ -458,6 +498,36 @@ def test_overlays_set_their_environment() -> None:
         assert config.usage.kafka.bootstrap_servers == env["KAFKA_BOOTSTRAP"]
         assert config.telemetry.resource_attributes["deployment.environment"] == target
         assert config.telemetry.otlp_endpoint.startswith("http")
+
+
+def test_production_config_is_the_base_config_plus_tls() -> None:
+    """Production has its own copy of the config (a file cannot be merged by kustomize): it must
+    differ from base only in `tls`."""
+    base = yaml.safe_load((KUSTOMIZE / "base" / "sidecar-config.yaml").read_text())
+    production = yaml.safe_load((KUSTOMIZE / "overlays" / "production" / "sidecar-config.yaml").read_text())
+    assert {k: v for k, v in production.items() if k != "tls"} == base
+    assert "tls" not in base and production["tls"]
+
+
+def test_production_calls_backends_over_mutual_tls_with_a_mounted_certificate_secret() -> None:
+    docs = rendered("production")
+    config = sidecar_config(docs)
+    backends = config.tls.backends
+    assert backends is not None and None not in (backends.ca_file, backends.cert_file, backends.key_file)
+    mounts = {m["mountPath"]: m for m in sidecar_container(docs)["volumeMounts"]}
+    (mount_path, secret), = secret_mounts(docs).items()
+    assert mounts[mount_path].get("readOnly") is True
+    assert "subPath" not in mounts[mount_path], "a subPath mount never sees the Secret's updates (rotation)"
+    for path, key in ((backends.ca_file, "ca.crt"), (backends.cert_file, "tls.crt"), (backends.key_file, "tls.key")):
+        assert path == f"{mount_path}/{key}"
+    assert secret["defaultMode"] & 0o007 == 0, "the key is not world-readable"
+    certificate = only(docs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["secretName"] == secret["secretName"]
+    assert "client auth" in certificate["spec"]["usages"]
+    assert certificate["spec"]["privateKey"]["encoding"] == "PKCS8"  # an unencrypted PEM key the sidecar reads
+    for target in ("base", "staging"):
+        assert not secret_mounts(rendered(target)) and sidecar_config(rendered(target)).tls.backends is None
 
 
 @pytest.mark.parametrize("target", TARGETS)

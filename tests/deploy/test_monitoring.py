@@ -43,7 +43,7 @@ TOOL_PACKAGES = {"promtool": "prometheus", "amtool": "prometheus-alertmanager",
 RUNBOOK_SECTIONS = {
     "backend-degradation", "routing-policy-change", "failover-recovery", "spool-buffer-recovery",
     "kafka-outage", "redis-outage", "rate-limit-and-budget-troubleshooting", "dlq-handling",
-    "config-reload-failure", "config-source-unreachable",
+    "config-reload-failure", "config-source-unreachable", "rotating-certificates", "backend-tls-errors",
 }
 SEVERITIES = {"critical", "warning", "info"}
 
@@ -391,6 +391,10 @@ EVENT_ONLY = {
     "api_router_usage_records_dead_lettered_total", "api_router_usage_producer_rebuilds_total",
     "api_router_rate_limit_shadow_denials_total", "api_router_limit_degraded_decisions_total",
     "api_router_backend_ejections_total",
+    # a series per TLS listener: the sidecar of this test has none (tests/grpc/test_listener_tls.py)
+    "api_router_tls_certificate_expiry_timestamp_seconds", "api_router_tls_certificate_reloads_total",
+    # series of backends with TLS only (tests/grpc/test_backend_tls.py)
+    "api_router_backend_tls_errors_total",
 }
 TARGET_LABELS = {"job", "instance"}   # added by Prometheus at scrape time
 def scrape(sidecar: SidecarProc) -> str:

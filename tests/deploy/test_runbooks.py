@@ -80,7 +80,7 @@ def test_every_alert_links_to_a_runbook_section_that_cites_it() -> None:
 
 def test_alerts_and_panels_the_runbooks_cite_exist() -> None:
     alerts = {rule["alert"] for rule in alert_rules()}
-    alert_like = r"`((?:Inference|Backend|Model|Routing|RateLimit|OrgBudget|LimitStore|Usage|ConfigReload|ConfigSource|Trace)[A-Za-z]+)`"
+    alert_like = r"`((?:Inference|Backend|Model|Routing|RateLimit|OrgBudget|LimitStore|Usage|ConfigReload|ConfigSource|Trace|Tls)[A-Za-z]+)`"
     cited_alerts = set(re.findall(alert_like, text()))
     assert cited_alerts and cited_alerts <= alerts, f"alerts cited but not defined: {sorted(cited_alerts - alerts)}"
     panels = {panel.get("title") for panel in dashboard_panels()}

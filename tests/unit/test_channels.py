@@ -14,7 +14,7 @@ from grpc_health.v1.health_pb2 import HealthCheckRequest
 
 from sidecar.config import parse_config
 from sidecar.routing import channels as channels_module
-from sidecar.routing.channels import Channels
+from sidecar.routing.channels import ChannelKey, Channels
 from sidecar.routing.health_checks import HealthChecker
 from sidecar.routing.router import Router
 
@@ -49,24 +49,24 @@ async def test_reconfigure_keeps_opens_and_drains_channels(monkeypatch: pytest.M
     shutdown closes every channel, including a removed one that was never drained."""
     monkeypatch.setattr(channels_module, "DRAIN_SETTLE_SECONDS", 0.0)
     channels = Channels(parse_config(BEFORE, environ={}))
-    a_channel, b_channel = channels.channel("127.0.0.1:7201"), channels.channel("127.0.0.1:7202")
+    a_channel, b_channel = channels.channel(ChannelKey("127.0.0.1:7201")), channels.channel(ChannelKey("127.0.0.1:7202"))
     assert channels.backends["embed"][0].channel is a_channel  # one channel per address
     removed = channels.reconfigure(parse_config(AFTER, environ={}))
-    assert removed == {"127.0.0.1:7202": b_channel}
-    assert channels.channel("127.0.0.1:7201") is a_channel
-    c_channel = channels.channel("127.0.0.1:7203")
+    assert removed == {ChannelKey("127.0.0.1:7202"): b_channel}
+    assert channels.channel(ChannelKey("127.0.0.1:7201")) is a_channel
+    c_channel = channels.channel(ChannelKey("127.0.0.1:7203"))
     assert c_channel is not a_channel and c_channel is not b_channel
     with pytest.raises(KeyError):
-        channels.channel("127.0.0.1:7202")  # no backend uses it any more
+        channels.channel(ChannelKey("127.0.0.1:7202"))  # no backend uses it any more
     assert set(channels.backends) == {"chat"}
     assert [(b.name, b.config.weight, b.channel) for b in channels.backends["chat"]] == [
         ("a", 2.0, a_channel), ("c", 1.0, c_channel)]
     assert not any(closed(ch) for ch in (a_channel, b_channel, c_channel))  # b: calls running on it finish
-    await channels.drain("127.0.0.1:7202", b_channel, grace=0.1)
+    await channels.drain(ChannelKey("127.0.0.1:7202"), b_channel, grace=0.1)
     assert closed(b_channel) and not closed(a_channel) and not closed(c_channel)
     again = channels.reconfigure(parse_config(BEFORE, environ={}))  # b is back: on a new channel
-    assert again == {"127.0.0.1:7203": c_channel}
-    new_b_channel = channels.channel("127.0.0.1:7202")
+    assert again == {ChannelKey("127.0.0.1:7203"): c_channel}
+    new_b_channel = channels.channel(ChannelKey("127.0.0.1:7202"))
     assert new_b_channel is not b_channel and not closed(new_b_channel) and not closed(c_channel)
     await channels.aclose()
     assert all(closed(ch) for ch in (a_channel, new_b_channel, c_channel))  # c: never drained, closed too
@@ -81,8 +81,9 @@ class HealthSpy:
         self.started: list[tuple[str, float]] = []
         self.cancelled: list[str] = []
 
-    def channel(self, address: str) -> SimpleNamespace:
-        self._lookup(address)
+    def channel(self, key: ChannelKey) -> SimpleNamespace:
+        self._lookup(key)
+        address = key.address
 
         def unary_unary(method: str, **_: object) -> Callable[..., Awaitable[None]]:
             assert method == "/grpc.health.v1.Health/Check"

@@ -35,3 +35,30 @@ async def test_the_url_chooses_the_client_and_logs_no_password() -> None:
     finally:
         await single.aclose()
         await cluster.aclose()
+
+
+async def test_rediss_urls_get_connections_that_take_up_rotated_files() -> None:
+    """`rediss://` and `rediss+cluster://` connect with `TlsConnection` and `limits.redis_tls`
+    (the connections are made, not connected: nothing listens here); plaintext URLs never do."""
+    from sidecar.config import ClientTlsConfig
+    from sidecar.redis_client import TlsConnection
+
+    tls = ClientTlsConfig(ca_file="/ca.pem", cert_file="/c.pem", key_file="/c.key", server_name="redis.internal")
+    single = connect("rediss://127.0.0.1:6390/0", 0.1, socket_timeout=None, tls=tls)
+    cluster = connect("rediss+cluster://127.0.0.1:7000,127.0.0.1:7001", 0.1, socket_timeout=None, tls=tls)
+    plain = connect("redis://127.0.0.1:6390/0", 0.1, socket_timeout=None)
+    try:
+        assert isinstance(single, Redis) and isinstance(cluster, RedisCluster)
+        connection = single.connection_pool.make_connection()
+        assert isinstance(connection, TlsConnection) and connection.server_name == "redis.internal"
+        assert (connection.ca_certs, connection.certfile, connection.keyfile) == ("/ca.pem", "/c.pem", "/c.key")
+        assert connection.ssl_context.password == ""  # an encrypted key fails, never prompts
+        for node in cluster.nodes_manager.startup_nodes.values():
+            assert node.connection_class is TlsConnection
+            assert node.connection_kwargs["ssl_server_name"] == "redis.internal"
+            assert node.connection_kwargs["ssl_password"] == ""
+        assert cluster.nodes_manager.connection_kwargs["connection_class"] is TlsConnection  # nodes learnt later
+        assert not isinstance(plain.connection_pool.make_connection(), TlsConnection)
+    finally:
+        for client in (single, cluster, plain):
+            await client.aclose()

@@ -17,7 +17,7 @@ from sidecar_client.inference.v1.inference_pb2 import InferRequest
 from sidecar.call import Call, begin_call
 from sidecar.config import Config, parse_config
 from sidecar.errors import SidecarError
-from sidecar.routing.channels import Backend
+from sidecar.routing.channels import Backend, ChannelKey
 from sidecar.routing.overrides import Override, OverrideTable
 from sidecar.routing.router import Router
 
@@ -138,7 +138,7 @@ def test_pick_counts_primary_and_failover_decisions() -> None:
     before = sample("api_router_routing_decisions_total", model="chat", backend="c", decision="failover")
     rig.on("a", Code.UNAVAILABLE, 2)                 # a ejected (the first always may be)
     for _ in range(2):
-        rig.router.record_check("127.0.0.1:7002", False)  # b unhealthy
+        rig.router.record_check(ChannelKey("127.0.0.1:7002"), False)  # b unhealthy
     call = rig.call()
     rig.router.pick(call)
     assert call.endpoint is not None and call.endpoint.name == "c"
@@ -149,8 +149,8 @@ def test_pick_counts_primary_and_failover_decisions() -> None:
 def test_pick_raises_no_backend_available_when_nothing_is_routable() -> None:
     rig = make()
     for address in ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"):
-        rig.router.record_check(address, False)
-        rig.router.record_check(address, False)
+        rig.router.record_check(ChannelKey(address), False)
+        rig.router.record_check(ChannelKey(address), False)
     call = rig.call()
     with pytest.raises(SidecarError) as caught:
         rig.router.pick(call)
@@ -317,7 +317,7 @@ outlier_detection: {consecutive_failures: 1, base_ejection_ms: 10000}
     assert healthy_gauge("solo", "only") == 0
     rig.clock.now = T0 + 11.0
     assert rig.router.any_routable()                 # polled: fine
-    rig.router.record_check("127.0.0.1:7101", True)  # the health checker's next (passing) check
+    rig.router.record_check(ChannelKey("127.0.0.1:7101"), True)  # the health checker's next (passing) check
     call = rig.call(model="solo")
     rig.router.pick(call)
     rig.attempt(call, Code.OK)
@@ -398,8 +398,8 @@ def test_retry_skips_unroutable_backends() -> None:
     call = rig.call()
     call.endpoint = rig.router.endpoints["chat"][0]  # a
     rig.attempt(call, Code.UNAVAILABLE)
-    rig.router.record_check("127.0.0.1:7002", False)
-    rig.router.record_check("127.0.0.1:7002", False)  # b unhealthy
+    rig.router.record_check(ChannelKey("127.0.0.1:7002"), False)
+    rig.router.record_check(ChannelKey("127.0.0.1:7002"), False)  # b unhealthy
     assert rig.router.retry(call, Code.UNAVAILABLE) is True
     assert call.endpoint is not None and call.endpoint.name == "c"
 
@@ -443,13 +443,13 @@ health_checks: {unhealthy_threshold: 1, healthy_threshold: 1}
 retries: {max_attempts: 3, budget_percent: 0, min_retries_per_second: 0.1}
 """)                                                 # the budget: one retry in the window
     a = rig.router.endpoints["chat"][0]
-    rig.router.record_check("127.0.0.1:7202", False)  # b unhealthy: nowhere to retry
+    rig.router.record_check(ChannelKey("127.0.0.1:7202"), False)  # b unhealthy: nowhere to retry
     for _ in range(3):
         call = rig.call()
         call.endpoint = a
         rig.attempt(call, Code.UNAVAILABLE)
         assert rig.router.retry(call, Code.UNAVAILABLE) is False
-    rig.router.record_check("127.0.0.1:7202", True)
+    rig.router.record_check(ChannelKey("127.0.0.1:7202"), True)
     call = rig.call()
     call.endpoint = a
     rig.attempt(call, Code.UNAVAILABLE)
@@ -477,9 +477,9 @@ def test_a_retry_counts_as_failover() -> None:
 
 def test_record_check_affects_every_model_at_the_address() -> None:
     rig = make()
-    rig.router.record_check("127.0.0.1:7001", False)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), False)
     assert rig.changes == [] and rig.state()["a"] == "healthy"
-    rig.router.record_check("127.0.0.1:7001", False)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), False)
     assert rig.state() == {"a": "unhealthy", "b": "healthy", "c": "healthy"}
     assert rig.state("embed") == {"e": "unhealthy"}
     assert len(rig.changes) == 2                     # one per endpoint that changed
@@ -488,9 +488,9 @@ def test_record_check_affects_every_model_at_the_address() -> None:
     with pytest.raises(SidecarError):
         rig.router.pick(rig.call(model="embed"))
 
-    rig.router.record_check("127.0.0.1:7001", True)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), True)
     assert len(rig.changes) == 2
-    rig.router.record_check("127.0.0.1:7001", True)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), True)
     assert rig.state()["a"] == "healthy" and rig.state("embed") == {"e": "healthy"}
     assert len(rig.changes) == 4
     assert healthy_gauge("chat", "a") == 1 and healthy_gauge("embed", "e") == 1
@@ -499,15 +499,15 @@ def test_record_check_affects_every_model_at_the_address() -> None:
 def test_passing_checks_of_a_healthy_backend_change_nothing() -> None:
     rig = make()
     for _ in range(5):
-        rig.router.record_check("127.0.0.1:7002", True)
-    rig.router.record_check("127.0.0.1:9999", False)  # not ours
+        rig.router.record_check(ChannelKey("127.0.0.1:7002"), True)
+    rig.router.record_check(ChannelKey("127.0.0.1:9999"), False)  # not ours
     assert rig.changes == []
 
 
 def test_an_ejected_backend_stays_out_when_its_checks_pass() -> None:
     rig = make()
     rig.on("a", Code.UNAVAILABLE, 2)
-    rig.router.record_check("127.0.0.1:7001", True)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), True)
     assert rig.state()["a"] == "ejected"
     for _ in range(50):
         call = rig.call()
@@ -525,8 +525,8 @@ def test_any_routable_and_component() -> None:
         "chat": {"a": "healthy", "b": "healthy", "c": "healthy"}, "embed": {"e": "healthy"}},
         "in_flight": {"chat": {"a": 0, "b": 0, "c": 0}, "embed": {"e": 0}}}
     for address in ("127.0.0.1:7001", "127.0.0.1:7002"):
-        rig.router.record_check(address, False)
-        rig.router.record_check(address, False)
+        rig.router.record_check(ChannelKey(address), False)
+        rig.router.record_check(ChannelKey(address), False)
     assert rig.router.any_routable()                 # c is left
     rig.on("c", Code.UNAVAILABLE, 2)                 # ejected
     assert not rig.router.any_routable()
@@ -541,16 +541,16 @@ def test_any_routable_and_component() -> None:
 def test_ejected_shows_over_unhealthy() -> None:
     rig = make()
     rig.on("a", Code.UNAVAILABLE, 2)
-    rig.router.record_check("127.0.0.1:7001", False)
-    rig.router.record_check("127.0.0.1:7001", False)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), False)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), False)
     assert rig.state()["a"] == "ejected"
     rig.clock.now = T0 + 10.0
     assert rig.state()["a"] == "unhealthy"
 
 
-def test_addresses_and_repr() -> None:
+def test_channel_keys_and_repr() -> None:
     rig = make()
-    assert rig.router.addresses == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+    assert [key.address for key in rig.router.channel_keys] == ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
     assert repr(rig.router) == "<Router models=['chat', 'embed'] <RetryBudget 0 retries / 0 calls in 10s>>"
 
 
@@ -584,7 +584,7 @@ def test_reconfigure_keeps_what_is_known_of_backends_that_stay_with_their_new_se
     running = rig.call()
     running.endpoint = b
     rig.router.attempt_started(b)                    # a call in flight on b
-    rig.router.record_check("127.0.0.1:7001", False)  # one failed check of a (threshold 2)
+    rig.router.record_check(ChannelKey("127.0.0.1:7001"), False)  # one failed check of a (threshold 2)
     b.latency.observe(0.2, T0)
     reload(rig)
     assert rig.router.endpoint("chat", "a") is a and rig.router.endpoint("chat", "b") is b
@@ -630,7 +630,7 @@ def test_a_removed_backend_takes_no_new_call_and_its_running_call_ends_quietly()
     assert rig.router.retry(on_e, Code.UNAVAILABLE) is False  # its model is gone
     assert rig.router.retry(on_c, Code.UNAVAILABLE) is True   # another backend of chat
     assert on_c.endpoint is not None and on_c.endpoint.name in {"a", "b", "d"}
-    rig.router.record_check("127.0.0.1:7003", False)  # a check that was under way: ignored
+    rig.router.record_check(ChannelKey("127.0.0.1:7003"), False)  # a check that was under way: ignored
     assert c.healthy
 
 
@@ -644,13 +644,13 @@ def test_a_backend_that_moves_to_another_address_starts_afresh() -> None:
     new = rig.router.endpoint("chat", "b")
     assert new is not None and new is not old and old.retired
     assert rig.state()["b"] == "healthy" and healthy_gauge("chat", "b") == 1
-    assert rig.router.addresses == ["127.0.0.1:7001", "127.0.0.1:7012", "127.0.0.1:7004"]
+    assert [key.address for key in rig.router.channel_keys] == ["127.0.0.1:7001", "127.0.0.1:7012", "127.0.0.1:7004"]
 
 
 def test_turning_health_checks_off_by_reload_brings_unhealthy_backends_back() -> None:
     rig = make()
     for _ in range(2):
-        rig.router.record_check("127.0.0.1:7001", False)
+        rig.router.record_check(ChannelKey("127.0.0.1:7001"), False)
     assert rig.state()["a"] == "unhealthy" and healthy_gauge("chat", "a") == 0
     changes = len(rig.changes)
     reload(rig, RELOADED.replace("health_checks: {", "health_checks: {enabled: false, "))
