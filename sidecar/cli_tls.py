@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # grpc is imported when a channel is made: `sidecar --help` s
 
 __all__ = ["ChannelTls", "TlsOptionError", "add_tls_options", "aio_channel", "channel", "channel_tls"]
 
-MAX_PEM_BYTES = 1024 * 1024
 
 
 class TlsOptionError(Exception):
@@ -64,24 +63,15 @@ def channel_tls(args: argparse.Namespace, prefix: str = "") -> ChannelTls | None
         return None
     if (cert is None) != (key is None):
         raise TlsOptionError(f"--{prefix}cert-file and --{prefix}key-file go together")
-    import grpc
+    from sidecar.config_sections import ClientTlsConfig
+    from sidecar.tls_client import TlsFilesError, read_credentials
 
-    credentials = grpc.ssl_channel_credentials(_read(f"--{prefix}ca-file", ca), _read(f"--{prefix}key-file", key),
-                                               _read(f"--{prefix}cert-file", cert))
-    return ChannelTls(credentials, name)
-
-
-def _read(option: str, path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_PEM_BYTES + 1)
-    except OSError as exc:
-        raise TlsOptionError(f"{option}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if len(data) > MAX_PEM_BYTES or b"-----BEGIN " not in data:
-        raise TlsOptionError(f"{option}: not a PEM file: {path}")
-    return data
+    try:  # read and checked as the sidecar reads its own TLS files
+        read = read_credentials(ClientTlsConfig(ca_file=ca, cert_file=cert, key_file=key, server_name=name))
+    except TlsFilesError as exc:
+        field, message = exc.problems[0]
+        raise TlsOptionError(f"--{prefix}{field.replace('_', '-')}: {message}") from None
+    return ChannelTls(read.channel_credentials(), name)
 
 
 def channel(target: str, tls: ChannelTls | None) -> grpc.Channel:

@@ -269,7 +269,7 @@ def test_smoke_reaches_tls_listeners(tls_sidecar: TlsSidecar) -> None:
     assert result.stdout.splitlines()[-1] == "7 of 7 checks passed"
     unreadable = sidecar_cli("smoke", "--admin-cert-file", client.cert, "--admin-key-file", "/nonexistent/client.key")
     assert unreadable.returncode == 2
-    assert unreadable.stderr.strip() == ("sidecar smoke: --admin-key-file: cannot read /nonexistent/client.key: "
+    assert unreadable.stderr.strip() == ("sidecar smoke: --admin-key-file: cannot be read: /nonexistent/client.key: "
                                          "No such file or directory")
 
 
