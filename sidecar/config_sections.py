@@ -416,20 +416,12 @@ class TlsConfig(Section):
     backends: ClientTlsConfig | None = None      # the default of every backend (a model or backend may set its own)
 
 
-class EtcdTlsConfig(Section):
-    """TLS to etcd: the CA that signed etcd's server certificate, and a client certificate when
-    etcd asks for one (`--client-cert-auth`). PEM files, read at start."""
+class EtcdTlsConfig(ClientTlsConfig):
+    """TLS to etcd: the CA that signed etcd's server certificate (required), and a client
+    certificate when etcd asks for one (`--client-cert-auth`). PEM files, read at start.
+    `server_name`: the name in etcd's certificate, when the endpoints are IP addresses."""
 
     ca_file: PathText
-    cert_file: PathText | None = None
-    key_file: PathText | None = None
-    server_name: str | None = None   # the name in etcd's certificate, when the endpoints are IP addresses
-
-    @model_validator(mode="after")
-    def _cert_with_key(self) -> EtcdTlsConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        return self
 
 
 class ConfigSourceConfig(Section):
