@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install tools protos bench lint clean
+.PHONY: demo test install tools oip-peers protos bench lint clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,15 @@ install: $(STAMP)
 tools:
 	bash scripts/system_tools.sh
 
+# MLServer and tritonclient in virtualenvs of their own, cached outside the tree (the tests call
+# the script too, so a bare pytest run gets them as well)
+oip-peers:
+	bash scripts/oip_peers.sh >/dev/null
+
 demo: $(STAMP)
 	$(BIN)/sidecar demo
 
-test: $(STAMP) tools
+test: $(STAMP) tools oip-peers
 	$(BIN)/python -m pytest
 
 protos: $(STAMP)

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar_client.inference.v1 import inference_pb2  # registers the service descriptor
 from sidecar_client.sidecar.admin.v1 import admin_pb2, admin_pb2_grpc
 
-from sidecar import redis_client
+from sidecar import __version__, redis_client
 from sidecar.config import Config, ConfigError, config_text
 from sidecar.config_etcd import EtcdConfigSource, file_source_component
 from sidecar.limits.guarded import GuardedStore
@@ -40,11 +40,12 @@ from sidecar.limits.memory_store import MemoryLimitStore
 from sidecar.limits.redis_store import RedisLimitStore
 from sidecar.limits.store import LimitStore
 from sidecar.listener_tls import exposed_without_tls
+from sidecar.oip import service as oip
 from sidecar.ops.admin_auth import AdminAuth
 from sidecar.ops.admin_service import AuditService, RoutingAdmin
 from sidecar.ops.health import Health
 from sidecar.ops.http import OpsServer
-from sidecar.pipeline import build_pipeline
+from sidecar.pipeline import build_pipeline, build_probe_pipeline
 from sidecar.reload import check_reload, describe_changes, read_config_text, watch_file
 from sidecar.routing.backend_tls import keep_credentials_fresh
 from sidecar.routing.channels import Channels, message_options
@@ -141,6 +142,7 @@ class Sidecar:
         self.access_log = AccessLog(lambda: self.config)
         self.pipeline = build_pipeline(lambda: self.config, self.router, self.limit_store, self.usage, self.audit,
                                        self.tracer, self.access_log)
+        self.probes = build_probe_pipeline(lambda: self.config, self.router, self.tracer, self.access_log)
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server(ObservedServer(), AdminAuth(lambda: self.config))
@@ -167,6 +169,11 @@ class Sidecar:
         await self.usage.start()  # replays what an earlier run left in the spool
         handlers = InferenceHandlers(self.pipeline, self.in_flight, self.router, self.tracer.sampling)
         self._server.add_registered_method_handlers(SERVICE, handlers.method_handlers())
+        # the Open Inference Protocol, on the same port (oip/service.py)
+        oip_handlers = oip.OipHandlers(self.pipeline, self.probes, self.in_flight, self.router,
+                                       lambda: self.health.ready, __version__, self.tracer.sampling)
+        self._server.add_registered_method_handlers(oip.SERVICE, oip_handlers.method_handlers())
+        self._server.add_generic_rpc_handlers((oip_handlers.fallback(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._admin)
         admin_pb2_grpc.add_RoutingAdminServicer_to_server(RoutingAdmin(self.router), self._admin)

@@ -71,7 +71,8 @@ class Attempt:
 
     def unary(self) -> grpc.aio.UnaryUnaryCall[bytes, bytes]:
         """Starts the backend call (the caller's request bytes, unchanged)."""
-        rpc = self.endpoint.backend.infer(self._call.raw_request, timeout=self.timeout, metadata=self._metadata)
+        rpc = self.endpoint.backend.unary[self._call.method](self._call.raw_request, timeout=self.timeout,
+                                                             metadata=self._metadata)
         self.rpc = rpc
         return rpc
 
@@ -102,7 +103,7 @@ class Attempt:
         if self._span_id:
             name = code.name if code is not None else "CANCELLED"
             call, backend = self._call, self.endpoint.backend
-            record(call, f"inference.v1.Inference/{call.method}", CLIENT, int(self._span_started),
+            record(call, f"{call.service}/{call.method}", CLIENT, int(self._span_started),
                    attempt_attributes(call, backend.config.address, backend.name, name),
                    error="" if code == OK else name, span_id=self._span_id)
 

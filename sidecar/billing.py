@@ -18,6 +18,13 @@ and what the usage pipeline bills always agree. Per attempt:
 
 The estimate is what the call reserved: its input size at `BYTES_PER_TOKEN` plus its
 `max_output_tokens` (the model's default when the request sets none).
+
+A call is also billed one request (a model's `per_request` price) when any of its attempts is
+billed by the rules above, and none when no backend worked on it.
+
+Open Inference Protocol calls carry no token usage: their estimate is 0 tokens, and their answer
+is not parsed (a 1 MiB tensor is relayed, not read): they are billed 0 tokens, not estimated,
+and one request. Token counts a backend may put in the response's `parameters` are not used.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import logging
 
 from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferResponse
 
-from sidecar.call import Billed, Call
+from sidecar.call import OIP, Billed, Call
 from sidecar.limits.budget import estimate_tokens
 from sidecar.telemetry.metrics import BACKEND_USAGE_CLAMPED
 
@@ -47,7 +54,11 @@ class Garbled(Exception):
 def read_usage(call: Call, answer: bytes) -> None:
     """Reads the usage of the backend's final answer into `call.reported`, clamped to the call's
     cap; raises `Garbled` when the bytes do not parse. Called by the proxy once per answered
-    call, before the answer (or a stream's end) reaches the caller."""
+    call, before the answer (or a stream's end) reaches the caller. An OIP answer is relayed
+    unread: it reports no tokens (0, 0)."""
+    if call.protocol == OIP:
+        call.reported = (0, 0)
+        return
     try:
         message = (InferChunk if call.streamed else InferResponse).FromString(answer)
     except Exception as exc:  # noqa: BLE001 - any parse failure (DecodeError, or worse) is garbage
@@ -90,7 +101,7 @@ def bill(call: Call) -> Billed:
     """What the ended call is charged (the module docstring's rules); computed once."""
     if call.billed is not None:
         return call.billed
-    input_tokens = output_tokens = 0
+    input_tokens = output_tokens = requests = 0
     estimated = False
     last = len(call.attempts) - 1
     for i, attempt in enumerate(call.attempts):
@@ -105,12 +116,15 @@ def bill(call: Call) -> Billed:
             continue
         input_tokens += used[0]
         output_tokens += used[1]
-    call.billed = Billed(input_tokens, output_tokens, estimated)
+        requests = 1
+    call.billed = Billed(input_tokens, output_tokens, estimated, requests)
     return call.billed
 
 
 def _estimate(call: Call) -> tuple[int, int]:
     assert call.model is not None
+    if call.protocol == OIP:
+        return 0, 0
     request = call.request
     return estimate_tokens(request.input, request.input_bytes,
                            request.max_output_tokens or call.model.default_max_output_tokens)

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from sidecar_client.inference.v1.inference_pb2 import InferRequest
 
 from sidecar.errors import SidecarError, invalid_request, longer_than, missing_field, too_long
+from sidecar.oip.wire import WireError, model_and_version
 from sidecar.telemetry.trace_context import (
     Span,
     new_span_id,
@@ -49,6 +50,15 @@ MAX_SESSION_ID_BYTES = 256
 MAX_TRACEPARENT_CHARS = 256   # W3C version 00 is 55; later versions may only append
 MAX_TRACESTATE_CHARS = 512    # all `tracestate` headers together, as W3C asks vendors to carry
 
+# The protocols a call comes in by (`models.<m>.protocol` names the one a model is served over),
+# and the gRPC service of each, for metrics, spans and log lines.
+INFERENCE_V1 = "inference_v1"
+OIP = "oip"
+SERVICES = {INFERENCE_V1: "inference.v1.Inference", OIP: "inference.GRPCInferenceService"}
+# the OIP methods routed to a backend, and the field names of their model for error messages
+OIP_MODEL_FIELDS = {"ModelInfer": ("model_name", "model_version"), "ModelReady": ("name", "version"),
+                    "ModelMetadata": ("name", "version")}
+
 
 def new_request_id() -> str:
     return os.urandom(16).hex()
@@ -71,13 +81,14 @@ class Billed:
     input_tokens: int
     output_tokens: int
     estimated: bool  # some of it is the sidecar's estimate, not the backend's report
+    requests: int = 1  # 1 when a backend worked on the call (charged `per_request`), else 0
 
 
 @dataclass(slots=True)
 class Call:
-    method: str                      # "Infer" or "InferStream"
+    method: str                      # "Infer", "InferStream"; OIP: "ModelInfer", "ModelReady", "ModelMetadata"
     raw_request: bytes               # forwarded unchanged
-    request: InferRequest            # parsed once, read-only
+    request: InferRequest            # parsed once, read-only; of an OIP call, only its `model`
     request_id: str
     api_key: str | None              # the caller's credential; never logged or forwarded
     forward_metadata: tuple[tuple[str, str], ...]
@@ -105,6 +116,8 @@ class Call:
     spans: list[Span] | None = None  # finished child spans; None when the call is not sampled
     billed: Billed | None = None     # what the call is charged, decided once it ended (billing.bill)
     refusal: SidecarError | None = None  # metadata past its bound, found by begin_call; parse() raises it
+    protocol: str = INFERENCE_V1     # or OIP: the request is an Open Inference Protocol message
+    model_version: str = ""          # OIP: the version the caller asked for, forwarded as it came
 
     def parse(self) -> None:
         """Parses the request once; raises INVALID_REQUEST / MISSING_FIELD.
@@ -115,6 +128,9 @@ class Call:
         if self.refusal is not None:
             refusal, self.refusal = self.refusal, None  # raised once; the call does not keep it
             raise refusal
+        if self.protocol == OIP:
+            self._parse_oip()
+            return
         try:
             request = InferRequest.FromString(self.raw_request)
         except DecodeError:
@@ -126,6 +142,28 @@ class Call:
         if request.session_id and longer_than(request.session_id, MAX_SESSION_ID_BYTES):
             raise too_long("session_id", MAX_SESSION_ID_BYTES)
         self.request = request
+
+    def _parse_oip(self) -> None:
+        """An OIP request: only its model name and version are read (oip/wire.py), into a
+        `request` that names the model, so that every stage reads the model the same way."""
+        name_field, version_field = OIP_MODEL_FIELDS[self.method]
+        try:
+            name, version = model_and_version(self.raw_request)
+        except WireError as exc:
+            raise invalid_request(f"the request is not a valid inference.{self.method}Request: {exc}") from None
+        if not name:
+            raise missing_field(name_field)
+        if longer_than(name, MAX_MODEL_BYTES):
+            raise too_long(name_field, MAX_MODEL_BYTES)
+        if longer_than(version, MAX_MODEL_BYTES):
+            raise too_long(version_field, MAX_MODEL_BYTES)
+        self.request = InferRequest(model=name)
+        self.model_version = version
+
+    @property
+    def service(self) -> str:
+        """The gRPC service the call came in by."""
+        return SERVICES[self.protocol]
 
     @property
     def backend(self) -> Backend:
@@ -164,7 +202,7 @@ class Call:
 
 
 def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes], ...],
-               time_remaining: float | None, sampling: float | None = None) -> Call:
+               time_remaining: float | None, sampling: float | None = None, protocol: str = INFERENCE_V1) -> Call:
     """Reads the caller's metadata into a new `Call`; the request itself is parsed by `parse()`.
 
     Kept apart so that even a request that fails to parse has its request id for the error.
@@ -215,6 +253,7 @@ def begin_call(method: str, raw: bytes, metadata: tuple[tuple[str, str | bytes],
     call = Call(method, raw, _EMPTY_REQUEST, request_id, api_key or None, tuple(forward), time_remaining)
     call.trace_id, call.span_id, call.parent_span_id = trace_id, span_id, parent_span_id
     call.refusal = refusal
+    call.protocol = protocol
     if sampled:
         call.spans = []
     return call

@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     backend.add_argument("--chunk-bytes", type=int, default=0, help="extra delta_bytes per chunk")
     backend.add_argument("--seed", type=int, default=None)
     backend.add_argument("--log-calls", action="store_true", help="one JSON line per call on stdout")
+    backend.add_argument("--protocol", choices=("inference_v1", "oip"), default="inference_v1",
+                         help="inference_v1 (inference.v1.Inference), or oip: an Open Inference Protocol "
+                              "(KServe v2) echo model server")
+    backend.add_argument("--models", default="", metavar="A,B",
+                         help="oip: the models it serves (ModelReady); default: every name is ready")
     backend.add_argument("--tls-cert", metavar="FILE", help="serve over TLS with this PEM certificate (and --tls-key)")
     backend.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
     backend.add_argument("--client-ca", metavar="FILE",
@@ -310,7 +315,8 @@ def _demo_backend(args: argparse.Namespace) -> int:
     run_backend(args.listen, DemoOptions(tokens=args.tokens, delay_ms=args.delay_ms, fail_rate=args.fail_rate,
                                          fail_code=args.fail_code.upper(), chunk_bytes=args.chunk_bytes,
                                          log_calls=args.log_calls, seed=args.seed, tls_cert=args.tls_cert,
-                                         tls_key=args.tls_key, client_ca=args.client_ca))
+                                         tls_key=args.tls_key, client_ca=args.client_ca, protocol=args.protocol,
+                                         models=tuple(m for m in args.models.split(",") if m)))
     return 0
 
 

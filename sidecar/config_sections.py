@@ -51,6 +51,7 @@ __all__ = [  # with the bounds and value types, re-exported for config.py and th
     "LimitRule",
     "LimitsConfig",
     "ModelConfig",
+    "ModelHealthChecksConfig",
     "Name",
     "OrgLimitRule",
     "OutlierDetectionConfig",
@@ -122,7 +123,20 @@ class BackendConfig(Section):
     tls: BackendTls = None  # this backend's own; else the model's, else tls.backends (routing/backend_tls.py)
 
 
+class ModelHealthChecksConfig(Section):
+    """How the active health checks ask this model's backends (see routing/health_checks.py)."""
+
+    # grpc_health: grpc.health.v1.Health/Check (service: health_checks.service), what Triton and
+    # our backends serve; oip_model_ready: inference.GRPCInferenceService/ModelReady(this model's
+    # name), for OIP runtimes without grpc health (MLServer and others); needs protocol: oip
+    method: Literal["grpc_health", "oip_model_ready"] = "grpc_health"
+
+
 class ModelConfig(Section):
+    # the protocol its backends speak, and callers must use: inference_v1 (inference.v1.Inference)
+    # or oip (the Open Inference Protocol, KServe v2: inference.GRPCInferenceService)
+    protocol: Literal["inference_v1", "oip"] = "inference_v1"
+    health_checks: ModelHealthChecksConfig = ModelHealthChecksConfig()
     timeout_ms: int = Field(default=30_000, gt=0, le=MAX_MS)
     # what a call reserves for its output when the request sets no max_output_tokens (token
     # limits and budgets reserve before the call and settle to the real usage after)
@@ -146,6 +160,12 @@ class ModelConfig(Section):
             if backend.name in seen:
                 raise ValueError(f"backend name {backend.name!r} is used twice")
             seen.add(backend.name)
+        return self
+
+    @model_validator(mode="after")
+    def _model_ready_needs_oip(self) -> ModelConfig:
+        if self.health_checks.method == "oip_model_ready" and self.protocol != "oip":
+            raise ValueError("health_checks.method oip_model_ready needs protocol: oip")
         return self
 
 
@@ -251,8 +271,11 @@ class BudgetRule(Section):
 
 
 class Price(Section):
-    input_per_1k: float = Field(ge=0, le=MAX_AMOUNT)  # cost of 1000 input tokens, in the unit of the cost budgets
-    output_per_1k: float = Field(ge=0, le=MAX_AMOUNT)
+    input_per_1k: float = Field(default=0.0, ge=0, le=MAX_AMOUNT)  # cost of 1000 input tokens, in the unit of the cost budgets
+    output_per_1k: float = Field(default=0.0, ge=0, le=MAX_AMOUNT)
+    # cost of one call a backend worked on, whatever its tokens: the price of OIP calls, which
+    # carry no token usage (docs/configuration.md, "Budgets")
+    per_request: float = Field(default=0.0, ge=0, le=MAX_AMOUNT)
 
 
 class BudgetsConfig(Section):

@@ -36,6 +36,8 @@ CATALOG: Mapping[str, grpc.StatusCode] = {
     "INVALID_REQUEST": grpc.StatusCode.INVALID_ARGUMENT,
     "MISSING_FIELD": grpc.StatusCode.INVALID_ARGUMENT,
     "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    # the model is served over the other protocol (inference.v1 vs the Open Inference Protocol)
+    "PROTOCOL_MISMATCH": grpc.StatusCode.FAILED_PRECONDITION,
     "REQUEST_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
     "RATE_LIMIT_EXCEEDED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "BUDGET_EXCEEDED": grpc.StatusCode.RESOURCE_EXHAUSTED,

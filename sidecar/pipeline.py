@@ -135,3 +135,24 @@ def build_pipeline(config: Callable[[], Config], router: Router, limit_store: Li
         # 5. last: the server span ends when everything above is done, and goes to the exporter
         tracer,
     ])
+
+
+def build_probe_pipeline(config: Callable[[], Config], router: Router, tracer: Tracer,
+                         access_log: AccessLog) -> Pipeline:
+    """The stages of OIP's `ModelReady` and `ModelMetadata`: questions about a model, asked by
+    clients (tritonclient, KServe tooling) before they infer, routed to one of its backends.
+    Authenticated and allow-listed like a call, but neither rate limited nor billed, and without
+    usage or audit records: they do no inference, and charging them would bill a client's probes."""
+    return Pipeline([
+        # 1. an unknown caller learns nothing about the models
+        Authenticate(config),
+        # 2. the model exists and is served over OIP
+        ResolveModel(config),
+        # 3. a healthy backend of it answers (with failover, like a call)
+        PickBackend(router),
+    ], finishers=[
+        # grpc_server_handled_total, the access log line and the span, as for a call
+        ObserveInference(),
+        access_log,
+        tracer,
+    ])

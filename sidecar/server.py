@@ -13,11 +13,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
+from typing import Protocol
 
 import grpc
 
 from sidecar import errors
-from sidecar.call import Call, begin_call
+from sidecar.call import INFERENCE_V1, Call, begin_call
 from sidecar.errors import SidecarError
 from sidecar.pipeline import Pipeline
 from sidecar.routing.router import Router
@@ -62,6 +63,14 @@ class InFlight:
 
     def __repr__(self) -> str:
         return f"<InFlight {self.count}{' closed' if self.closed else ''}>"
+
+
+class Handlers(Protocol):
+    """What a `CallScope` needs of the handlers of a service (inference.v1, or OIP's)."""
+
+    pipeline: Pipeline
+    in_flight: InFlight
+    sampling: Callable[[], float | None]
 
 
 class InferenceHandlers:
@@ -124,13 +133,15 @@ class CallScope:
     error status, if any (`Refused`). Entering that fails ends the call the same way.
     """
 
-    __slots__ = ("_context", "_counted", "_handlers", "call")
+    __slots__ = ("_context", "_counted", "_handlers", "_pipeline", "call")
 
-    def __init__(self, handlers: InferenceHandlers, method: str, raw: bytes, context: Context) -> None:
+    def __init__(self, handlers: Handlers, method: str, raw: bytes, context: Context, protocol: str = INFERENCE_V1,
+                 pipeline: Pipeline | None = None) -> None:
         self._handlers = handlers
+        self._pipeline = pipeline or handlers.pipeline  # OIP's ModelReady/ModelMetadata have their own
         self._context = context
         self.call = begin_call(method, raw, tuple(context.invocation_metadata() or ()), context.time_remaining(),
-                               handlers.sampling())
+                               handlers.sampling(), protocol)
         self._counted = False
 
     async def __aenter__(self) -> Call:
@@ -138,7 +149,7 @@ class CallScope:
             self._handlers.in_flight.enter()
             self._counted = True
             self.call.parse()
-            await self._handlers.pipeline.admit(self.call)
+            await self._pipeline.admit(self.call)
         except BaseException as exc:
             await self._end(exc)
             raise
@@ -164,7 +175,7 @@ class CallScope:
             rescued = errors.rescue(exc, call.request_id)
             call.status, call.reason = rescued.code.name, rescued.reason
         try:
-            durable = self._handlers.pipeline.finish(call)
+            durable = self._pipeline.finish(call)
             if durable is not None:
                 await asyncio.shield(durable)
         except Exception as failure:  # noqa: BLE001 - strict durability: the record is not on disk

@@ -1,4 +1,5 @@
-"""The reference backend: implements `inference.v1.Inference` and grpc health.
+"""The reference backend: implements `inference.v1.Inference` and grpc health (with `--protocol
+oip`, the Open Inference Protocol instead: demo/oip_backend.py).
 
 Used by `sidecar demo`, the tests and the benchmark. Output is deterministic: the answer repeats
 the input's words (or `token<i>` with no input) up to `--tokens` (capped by the request's
@@ -53,6 +54,8 @@ class DemoOptions:
     tls_cert: str | None = None   # PEM files: with tls_key, serve over TLS
     tls_key: str | None = None
     client_ca: str | None = None  # require callers' certificates signed by this CA (mutual TLS)
+    protocol: str = "inference_v1"  # or "oip": the Open Inference Protocol echo (oip_backend.py)
+    models: tuple[str, ...] = ()     # oip: the models it serves (ModelReady); empty: every name
 
 
 @dataclass(frozen=True)
@@ -198,9 +201,16 @@ async def serve_backend(listen: str, options: DemoOptions, ready: asyncio.Event 
     """Serves until `stop` is set (or forever); prints one JSON `listening` line when ready."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    add_backend_to_server(DemoBackend(options), server)
+    if options.protocol == "oip":
+        from sidecar.demo.oip_backend import SERVICE, OipDemoBackend, add_oip_backend_to_server
+
+        add_oip_backend_to_server(OipDemoBackend(options), server)
+        services: tuple[str, ...] = ("", SERVICE)
+    else:
+        add_backend_to_server(DemoBackend(options), server)
+        services = ("", inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name)
     health = HealthServicer()
-    for service in ("", inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name):
+    for service in services:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = _add_port(server, listen, options)

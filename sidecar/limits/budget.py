@@ -60,11 +60,13 @@ def estimate_tokens(text: str, data: bytes, max_output_tokens: int) -> tuple[int
     return math.ceil(size / BYTES_PER_TOKEN), max_output_tokens
 
 
-def cost_micros(price: Price | None, input_tokens: int, output_tokens: int) -> int:
-    """Cost of a call in micro-units, rounded up so that many small calls cannot cost nothing."""
+def cost_micros(price: Price | None, input_tokens: int, output_tokens: int, requests: int = 0) -> int:
+    """Cost of a call in micro-units, rounded up so that many small calls cannot cost nothing;
+    `requests` (1, or 0 when no backend worked on it) pays the model's `per_request` price."""
     if price is None:
         return 0
-    cost = (input_tokens * price.input_per_1k + output_tokens * price.output_per_1k) / 1000
+    cost = (input_tokens * price.input_per_1k + output_tokens * price.output_per_1k) / 1000 + \
+        requests * price.per_request
     return math.ceil(cost * MICROS - 1e-6)
 
 

@@ -20,7 +20,7 @@ from sidecar.telemetry.grpc_server import ObservedHealthServicer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-READINESS_SERVICES = ("", "inference.v1.Inference")
+READINESS_SERVICES = ("", "inference.v1.Inference", "inference.GRPCInferenceService")
 LIVENESS_SERVICE = "liveness"
 log = logging.getLogger("sidecar.health")
 

@@ -25,6 +25,8 @@ from sidecar.tls_client import ClientCredentials, files_of, read_credentials
 log = logging.getLogger("sidecar.routing")
 INFER = "/inference.v1.Inference/Infer"
 INFER_STREAM = "/inference.v1.Inference/InferStream"
+OIP_SERVICE = "/inference.GRPCInferenceService/"
+OIP_ROUTED = ("ModelInfer", "ModelReady", "ModelMetadata")  # the OIP methods forwarded to a backend
 # a call picked its backend just before a reload may start its backend call a moment later
 # (after sending its response headers): a removed channel stays open this long before it closes
 DRAIN_SETTLE_SECONDS = 1.0
@@ -73,11 +75,13 @@ class Backend:
     tls: ClientTlsConfig | None = None  # in effect (backend_tls.effective_tls); None: plaintext
     infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = field(init=False)
     infer_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = field(init=False)
+    unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = field(init=False)  # by method name
     key: ChannelKey = field(init=False)
 
     def __post_init__(self) -> None:
         self.infer = self.channel.unary_unary(INFER)
         self.infer_stream = self.channel.unary_stream(INFER_STREAM)
+        self.unary = {"Infer": self.infer, **{m: self.channel.unary_unary(OIP_SERVICE + m) for m in OIP_ROUTED}}
         self.key = ChannelKey(self.config.address, self.tls)
 
     @property

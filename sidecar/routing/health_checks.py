@@ -1,4 +1,6 @@
-"""Active health checks: `grpc.health.v1.Health/Check` to every backend channel on an interval.
+"""Active health checks: `grpc.health.v1.Health/Check` to every backend channel on an interval
+(or, for models with `health_checks.method: oip_model_ready`, the Open Inference Protocol's
+`ModelReady` of each such model: runtimes like MLServer serve no grpc health).
 
 One named task per distinct channel key (address and TLS setting), on the same channel the calls
 use -- the one in force at each check, so the same credentials, and after a certificate rotation
@@ -7,6 +9,11 @@ answers SERVING within the timeout; anything else fails it, and a failed TLS han
 reported as such (backend_tls.py). The router turns streaks of results into healthy/unhealthy.
 After a config reload, `reconfigure` starts checks of new keys, stops those of removed ones, and
 every check from then on uses the new settings.
+
+A channel shared by models with different methods gets every check its models ask for, each
+round: one grpc health check for the models with `grpc_health`, one `ModelReady(name)` per model
+with `oip_model_ready`; each result counts for its own models' backends only (a model the
+runtime has not loaded does not take the other models at that address down).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import grpc
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from sidecar.config import HealthChecksConfig
+from sidecar.oip.wire import WireError, bool_value, string_field
 from sidecar.routing.channels import ChannelKey, Channels
 from sidecar.routing.router import Router
 from sidecar.tasks import Tasks
@@ -24,6 +32,7 @@ from sidecar.tls_client import handshake_failure
 
 log = logging.getLogger("sidecar.routing")
 CHECK = "/grpc.health.v1.Health/Check"
+MODEL_READY = "/inference.GRPCInferenceService/ModelReady"
 Check = grpc.aio.UnaryUnaryMultiCallable[HealthCheckRequest, HealthCheckResponse]
 
 
@@ -57,10 +66,35 @@ class HealthChecker:
             check: Check = self._channels.channel(key).unary_unary(  # the channel in force, a rotation included
                 CHECK, request_serializer=HealthCheckRequest.SerializeToString,
                 response_deserializer=HealthCheckResponse.FromString)
-            passed, tls_cause = await self._passes(key, check, HealthCheckRequest(service=config.service),
-                                                   config.timeout_ms)
-            self._router.record_check(key, passed, tls_cause)
+            by_health, by_model_ready = self._methods(key)
+            if by_health:
+                passed, tls_cause = await self._passes(key, check, HealthCheckRequest(service=config.service),
+                                                       config.timeout_ms)
+                self._router.record_check(key, passed, tls_cause, None if not by_model_ready else by_health)
+            for model in by_model_ready:
+                passed, tls_cause = await self._model_ready(key, model, config.timeout_ms)
+                self._router.record_check(key, passed, tls_cause, (model,))
             await asyncio.sleep(self._config.interval_ms / 1000.0)
+
+    def _methods(self, key: ChannelKey) -> tuple[list[str], list[str]]:
+        """The models with backends on `key`: those checked by grpc health, and by ModelReady."""
+        models = self._channels.config.models
+        on_key = [m for m, backends in self._channels.backends.items() if any(b.key == key for b in backends)]
+        model_ready = [m for m in on_key if models[m].health_checks.method == "oip_model_ready"]
+        return [m for m in on_key if m not in model_ready], model_ready
+
+    async def _model_ready(self, key: ChannelKey, model: str, timeout_ms: int) -> tuple[bool, str | None]:
+        """OIP `ModelReady(name=model)` passes when the backend answers `ready: true` in time."""
+        ready: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channels.channel(key).unary_unary(MODEL_READY)
+        try:
+            answer: bytes = await ready(string_field(1, model), timeout=timeout_ms / 1000.0)
+        except grpc.aio.AioRpcError as exc:
+            tls = key.tls is not None and exc.code() == grpc.StatusCode.UNAVAILABLE
+            return False, handshake_failure(exc.details()) if tls else None
+        try:
+            return bool_value(answer, 1), None
+        except WireError:
+            return False, None
 
     async def _passes(self, key: ChannelKey, check: Check, request: HealthCheckRequest,
                       timeout_ms: int) -> tuple[bool, str | None]:

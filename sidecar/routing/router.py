@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -267,10 +267,14 @@ class Router:
         if not endpoint.retired:
             self.tls.failed(endpoint, cause, "call")
 
-    def record_check(self, key: ChannelKey, passed: bool, tls_cause: str | None = None) -> None:
-        """One active health check of the channel `key` (shared by every model's backend there);
-        `tls_cause`: it failed on the TLS handshake, for this reason."""
+    def record_check(self, key: ChannelKey, passed: bool, tls_cause: str | None = None,
+                     models: Collection[str] | None = None) -> None:
+        """One active health check of the channel `key` (shared by every model's backend there,
+        or only by those of `models`: a check that asks about one model); `tls_cause`: it failed
+        on the TLS handshake, for this reason."""
         for endpoint in self._by_key.get(key, ()):
+            if models is not None and endpoint.backend.model not in models:
+                continue
             if tls_cause is not None:
                 self.tls.failed(endpoint, tls_cause, "health_check")
             elif passed and endpoint.tls_error:

@@ -6,6 +6,10 @@ estimate now (input size + max_output_tokens) and corrected when the call ends (
 what the call is billed (billing.py): the backend's reported usage, the estimate for every
 attempt the backend may have worked on without reporting, nothing when no backend worked on it.
 
+Open Inference Protocol calls carry no tokens: token rates and token budgets do not apply to
+them (they would charge 0 anyway); request rates and cost budgets do, a call reserving its
+model's `per_request` price.
+
 Denials: RESOURCE_EXHAUSTED / RATE_LIMIT_EXCEEDED with RetryInfo (the real wait) and the
 limit's name, or RESOURCE_EXHAUSTED / BUDGET_EXCEEDED with QuotaFailure.
 """
@@ -20,7 +24,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from sidecar.billing import bill
-from sidecar.call import Call
+from sidecar.call import OIP, Call
 from sidecar.config import Config, PerConfig, RateRule
 from sidecar.errors import SidecarError
 from sidecar.limits.budget import MICROS, Budget, cost_micros, day_window, estimate_tokens, month_window
@@ -88,14 +92,18 @@ class LimitTable:
         rates = [*self.orgs.get(call.org, ()), *self.keys.get(call.api_key_id, ()),
                  *self.org_models.get((call.org, model), ())]
         budgets = self.budgets(call.org, now)
+        if call.protocol == OIP:  # no tokens: only request rates and cost budgets apply
+            rates = [r for r in rates if not r.tokens]
+            budgets = tuple(b for b in budgets if b.is_cost)
         if not rates and not budgets:
             return None
         assert call.model is not None
-        est_in, est_out = estimate_tokens(call.request.input, call.request.input_bytes,
-                                          call.request.max_output_tokens or call.model.default_max_output_tokens)
+        est_in, est_out = (0, 0) if call.protocol == OIP else estimate_tokens(
+            call.request.input, call.request.input_bytes,
+            call.request.max_output_tokens or call.model.default_max_output_tokens)
         rate_costs = tuple(float(est_in + est_out) if r.tokens else 1.0 for r in rates)
         price = self.prices.get(model)
-        budget_costs = tuple(cost_micros(price, est_in, est_out) if b.is_cost else est_in + est_out for b in budgets)
+        budget_costs = tuple(cost_micros(price, est_in, est_out, 1) if b.is_cost else est_in + est_out for b in budgets)
         return Ask(call.org, tuple(rates), rate_costs, budgets, budget_costs)
 
 
@@ -156,7 +164,7 @@ class Limits:
                             for r, units in zip(ask.rates, reservation.charged, strict=True))
         price = self._tables.get(self._config()).prices.get(call.request.model)
         budget_deltas = tuple(
-            (cost_micros(price, used_in, used_out) if b.is_cost else used_in + used_out) - cost
+            (cost_micros(price, used_in, used_out, billed.requests) if b.is_cost else used_in + used_out) - cost
             for b, cost in zip(ask.budgets, ask.budget_costs, strict=True))
         if any(rate_deltas) or any(budget_deltas):
             self._store.settle(ask, rate_deltas, budget_deltas, degraded=reservation.degraded)

@@ -52,17 +52,19 @@ def observe(grpc_type: str, service: str, method: str, code: str, seconds: float
 
 
 class ObserveInference:
-    """Pipeline finisher: one observation per `Infer` / `InferStream` call, however it ended,
+    """Pipeline finisher: one observation per `Infer` / `InferStream` call (and OIP `ModelInfer`,
+    `ModelReady`, `ModelMetadata`, under their own service), however it ended,
     and the sidecar's own share of it (`api_router_sidecar_overhead_seconds`); a sampled call
     leaves its trace id as the bucket's exemplar (shown to OpenMetrics scrapers)."""
 
     def __init__(self) -> None:
-        self._overhead = {m: SIDECAR_OVERHEAD_SECONDS.labels(m) for m in ("Infer", "InferStream")}
+        self._overhead = {m: SIDECAR_OVERHEAD_SECONDS.labels(m) for m in (
+            "Infer", "InferStream", "ModelInfer", "ModelReady", "ModelMetadata")}
 
     def __call__(self, call: Call) -> None:
         seconds = time.perf_counter() - call.started
         exemplar = {"trace_id": call.trace_id} if call.spans is not None else None
-        observe("server_stream" if call.method == "InferStream" else "unary", INFERENCE, call.method,
+        observe("server_stream" if call.method == "InferStream" else "unary", call.service, call.method,
                 call.status or "UNKNOWN", seconds, exemplar)
         backend = sum(a.duration_ms for a in call.attempts) / 1000.0 if call.attempts else 0.0
         self._overhead[call.method].observe(max(0.0, seconds - backend), exemplar)
@@ -80,7 +82,7 @@ class ObservedServer(grpc.aio.ServerInterceptor):
         service, _, method = details.method.lstrip("/").rpartition("/")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, service, method),
+                observed_unary(handler.unary_unary, service, method),
                 request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
@@ -102,7 +104,7 @@ def _code(context: grpc.aio.ServicerContext[Any, Any], failure: BaseException | 
     return "CANCELLED" if isinstance(failure, asyncio.CancelledError) else "UNKNOWN"
 
 
-def _unary(behavior: Any, service: str, method: str) -> Any:
+def observed_unary(behavior: Any, service: str, method: str) -> Any:
     async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         failure: BaseException | None = None
@@ -141,7 +143,7 @@ class ObservedHealthServicer(HealthServicer):
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext[Any, Any]) -> health_pb2.HealthCheckResponse:
-        return await _unary(super().Check, HEALTH, "Check")(request, context)  # type: ignore[no-any-return]
+        return await observed_unary(super().Check, HEALTH, "Check")(request, context)  # type: ignore[no-any-return]
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -77,7 +77,7 @@ def record(call: Call, name: str, kind: int, start_ns: int, attributes: tuple[tu
 def attempt_attributes(call: Call, address: str, backend: str, code: str) -> tuple[tuple[str, Any], ...]:
     """A backend attempt's client span: the RPC conventions, plus which backend it was."""
     host, _, port = address.rpartition(":")
-    return (("rpc.system", "grpc"), ("rpc.service", "inference.v1.Inference"), ("rpc.method", call.method),
+    return (("rpc.system", "grpc"), ("rpc.service", call.service), ("rpc.method", call.method),
             ("rpc.grpc.status_code", _GRPC_CODES.get(code, 2)), ("server.address", host.strip("[]")),
             ("server.port", int(port) if port.isdigit() else 0), ("sidecar.backend", backend),
             ("gen_ai.request.model", call.request.model))
@@ -124,7 +124,7 @@ class Tracer:
             return
         status = call.status if call.status != "UNKNOWN" else "CANCELLED"
         attributes: list[tuple[str, Any]] = [
-            ("rpc.system", "grpc"), ("rpc.service", "inference.v1.Inference"), ("rpc.method", call.method),
+            ("rpc.system", "grpc"), ("rpc.service", call.service), ("rpc.method", call.method),
             ("rpc.grpc.status_code", _GRPC_CODES.get(status, 2)), ("sidecar.request_id", call.request_id),
             ("sidecar.attempts", len(call.attempts))]
         if call.org:
@@ -141,7 +141,7 @@ class Tracer:
         if usage is not None:
             attributes += (("gen_ai.usage.input_tokens", usage[0]), ("gen_ai.usage.output_tokens", usage[1]))
         error = f"{status}: {call.reason}" if status in _SERVER_ERRORS else ""
-        server: Span = (call.span_id, call.parent_span_id, f"inference.v1.Inference/{call.method}", SERVER,
+        server: Span = (call.span_id, call.parent_span_id, f"{call.service}/{call.method}", SERVER,
                         int(call.started_wall * 1e9), time.time_ns(), tuple(attributes), error)
         self._enqueue((server, *spans), call.trace_id)
 

@@ -49,7 +49,7 @@ def build_record(call: Call, ended: float) -> usage_pb2.UsageRecord:
         overhead_ms=round(max(0.0, duration_ms - backend_ms), 3),
         attempts=[usage_pb2.Attempt(backend=a.backend, status=a.status, duration_ms=a.duration_ms)
                   for a in call.attempts],
-        streamed=call.streamed, schema=SCHEMA)
+        streamed=call.streamed, schema=SCHEMA, protocol=call.protocol)
 
 
 def started_seconds(payload: bytes) -> float:

@@ -20,7 +20,7 @@ class Attempt(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., status: _Optional[str] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("event_id", "request_id", "trace_id", "org", "api_key_id", "model", "backend", "status", "reason", "input_tokens", "output_tokens", "usage_estimated", "started_at", "duration_ms", "overhead_ms", "attempts", "streamed", "schema")
+    __slots__ = ("event_id", "request_id", "trace_id", "org", "api_key_id", "model", "backend", "status", "reason", "input_tokens", "output_tokens", "usage_estimated", "started_at", "duration_ms", "overhead_ms", "attempts", "streamed", "schema", "protocol")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class UsageRecord(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     STREAMED_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     trace_id: str
@@ -57,4 +58,5 @@ class UsageRecord(_message.Message):
     attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
     streamed: bool
     schema: str
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., org: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., usage_estimated: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ms: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., streamed: _Optional[bool] = ..., schema: _Optional[str] = ...) -> None: ...
+    protocol: str
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., org: _Optional[str] = ..., api_key_id: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., usage_estimated: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ms: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., streamed: _Optional[bool] = ..., schema: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
