@@ -166,9 +166,13 @@ class _CallLog:
         self.enabled = enabled
         self.method, self.request, self.context = method, request, context
         self.started = time.perf_counter()
+        self.common_names: list[bytes] = []
 
     async def __aenter__(self) -> None:
         if self.enabled:
+            # read while the call is alive: asked at the end of a call the caller cancelled under
+            # flow control, it left this backend answering nothing more (grpcio 1.85)
+            self.common_names = list(self.context.auth_context().get("x509_common_name", ()))
             metadata = self.context.invocation_metadata() or ()
             print(json.dumps({"event": "call_started", "method": self.method,
                               "request_id": next((v for k, v in metadata if k == "x-request-id"), None),
@@ -190,9 +194,8 @@ class _CallLog:
                 "metadata_keys": sorted({k for k, _ in metadata}),
                 "traceparent": next((v for k, v in metadata if k == "traceparent"), None),
                 "duration_ms": round((time.perf_counter() - self.started) * 1000, 3)}
-        common_names = list(self.context.auth_context().get("x509_common_name", ()))
-        if common_names:  # mutual TLS: whose certificate the caller presented (tests see rotations)
-            line["client_cn"] = common_names[0].decode()
+        if self.common_names:  # mutual TLS: whose certificate the caller presented (tests see rotations)
+            line["client_cn"] = self.common_names[0].decode()
         print(json.dumps(line), flush=True)
 
 
