@@ -88,14 +88,7 @@ class InferenceHandlers:
         }
 
     async def infer(self, raw: bytes, context: Context) -> bytes:
-        try:
-            async with CallScope(self, "Infer", raw, context) as call:
-                response = await proxy.unary(call, self._router, lambda: context.send_initial_metadata(
-                    (("x-request-id", call.request_id),)))
-                call.last_message, call.relayed = response, True
-                return response
-        except Refused:
-            return b""  # grpc sends the error status set on the context, not this
+        return await relay_unary(self, self._router, "Infer", raw, context)
 
     async def infer_stream(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
         try:
@@ -119,6 +112,20 @@ class Refused(Exception):  # a signal, not an error: the call's status is alread
     traceback holds the handler frames, which hold the request bytes and the state again: a
     reference cycle only a full garbage collection frees. Large requests a backend refused were
     kept alive that way by the dozen (hundreds of MB of RSS)."""
+
+
+async def relay_unary(handlers: Handlers, router: Router, method: str, raw: bytes, context: Context,
+                      protocol: str = INFERENCE_V1, pipeline: Pipeline | None = None) -> bytes:
+    """A unary call from its start to its end (`Infer`, OIP's `ModelInfer`, ...): governed by its
+    `CallScope`, proxied to a backend, the backend's answer relayed as bytes."""
+    try:
+        async with CallScope(handlers, method, raw, context, protocol, pipeline) as call:
+            response = await proxy.unary(call, router, lambda: context.send_initial_metadata(
+                (("x-request-id", call.request_id),)))
+            call.last_message, call.relayed = response, True
+            return response
+    except Refused:
+        return b""  # grpc sends the error status set on the context, not this
 
 
 class CallScope:

@@ -26,8 +26,7 @@ from sidecar.call import OIP
 from sidecar.oip.wire import bool_field, string_field
 from sidecar.pipeline import Pipeline
 from sidecar.routing.router import Router
-from sidecar.server import CallScope, Context, InFlight, Refused
-from sidecar.stages import proxy
+from sidecar.server import Context, InFlight, relay_unary
 from sidecar.telemetry.grpc_server import observed_unary
 
 SERVICE = "inference.GRPCInferenceService"
@@ -75,14 +74,7 @@ class OipHandlers:
         return await self._forward("ModelMetadata", raw, context, self.probes)
 
     async def _forward(self, method: str, raw: bytes, context: Context, pipeline: Pipeline) -> bytes:
-        try:
-            async with CallScope(self, method, raw, context, OIP, pipeline) as call:
-                response = await proxy.unary(call, self._router, lambda: context.send_initial_metadata(
-                    (("x-request-id", call.request_id),)))
-                call.last_message, call.relayed = response, True
-                return response
-        except Refused:
-            return b""  # grpc sends the error status set on the context, not this
+        return await relay_unary(self, self._router, method, raw, context, OIP, pipeline)
 
     async def server_live(self, raw: bytes, context: Context) -> bytes:
         return bool_field(1, True)  # answered by the event loop: live

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.grpc.test_limits import metric
+from tests.grpc.test_usage_records import record_of
 from tests.harness.oip_peers import start_mlserver, status_details, triton_calls
 from tests.harness.otlp import OtlpReceiver, ReceivedSpan
 from tests.harness.procs import free_port, wait_until
@@ -142,16 +143,6 @@ def check_answers(results: dict[str, dict[str, Any]]) -> None:
 
 def rid(name: str) -> str:
     return f"oip-{name}-{uuid.uuid4().hex[:8]}"
-
-
-def record_of(path: Path, request_id: str) -> dict[str, Any]:
-    def find() -> dict[str, Any] | None:
-        if not path.exists():
-            return None
-        lines = [json.loads(line) for line in path.read_text().splitlines()]
-        return next((r for r in lines if r["request_id"] == request_id), None)
-    found: dict[str, Any] = wait_until(find, 5, what=f"the usage record of {request_id}")
-    return found
 
 
 def failure(result: dict[str, Any], status: str, reason: str | set[str]) -> tuple[str, dict[str, str]]:
