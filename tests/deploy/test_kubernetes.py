@@ -1,4 +1,5 @@
-"""The deploy kit: the Dockerfile and the Kubernetes manifests (deploy/kubernetes).
+"""The deploy kit: the Dockerfile, the Kubernetes manifests (deploy/kubernetes) and the Helm chart
+(deploy/helm/inference-sidecar).
 
 The image itself cannot be built here: there is no Docker engine on the test machines. What is
 checked instead: hadolint on the Dockerfile; that its instructions agree with the package
@@ -6,25 +7,23 @@ checked instead: hadolint on the Dockerfile; that its instructions agree with th
 the build stage's step works on the files the build context holds (.dockerignore): both wheels
 build from a copy of exactly those files.
 
-The manifests are rendered with `kubectl kustomize` (base and each overlay), every document is
-validated with `kubernetes-validate --strict` against the Kubernetes schemas, and the two CRDs
-it has no schema for (ServiceMonitor, PrometheusRule) are checked here by content. Each
-overlay's sidecar config is validated by the sidecar's own `sidecar check-config`, with the
-environment its pod would have.
+Every environment is rendered both ways: with `kubectl kustomize` (base and each overlay) and
+with `helm template` (the chart's default, staging and production values); every check of the
+pod below runs on all six renders. Every document is validated with `kubernetes-validate
+--strict` against the Kubernetes schemas, and the CRDs it has no schema for (ServiceMonitor,
+PrometheusRule, Certificate) are checked here by content. Each render's sidecar config is
+validated by the sidecar's own `sidecar check-config`, with the environment its pod would have.
+That the two renderings of an environment agree is tests/deploy/test_helm.py's.
 
 Missing tools fail (never skip): hadolint and kubernetes-validate come from the [test] extra,
-promtool from scripts/system_tools.sh, kubectl (>= 1.27, for kustomize v5) from the Kubernetes
-package repository.
+promtool from scripts/system_tools.sh, helm and kubectl from scripts/k8s_tools.sh.
 """
 from __future__ import annotations
 
-import base64
-import functools
 import hashlib
 import importlib.util
 import shlex
 import shutil
-import subprocess
 import sys
 import tomllib
 import zipfile
@@ -35,161 +34,35 @@ import pytest
 import yaml
 
 from sidecar.config import Config, ConfigError, parse_config
+from tests.deploy.manifests import (
+    ALERTS,
+    KUSTOMIZE,
+    ROOT,
+    SIDECAR,
+    TARGETS,
+    configmap,
+    container_env,
+    environment,
+    host_of,
+    only,
+    pod_spec,
+    port_of,
+    rendered,
+    rendered_text,
+    run,
+    secret_value,
+    sidecar_config,
+    sidecar_config_text,
+    sidecar_container,
+    venv_tool,
+)
 from tests.harness.certs import Pki
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
-KUSTOMIZE = ROOT / "deploy" / "kubernetes"
-ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
-TARGETS = {"base": KUSTOMIZE / "base", "staging": KUSTOMIZE / "overlays" / "staging",
-           "production": KUSTOMIZE / "overlays" / "production"}
-SIDECAR = "inference-sidecar"      # the sidecar's container name
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}  # Certificate: cert-manager
 READINESS_SERVICES = {"", "inference.v1.Inference"}
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 KAFKA_FLUSH_MS = 5000              # what the sidecar gives Kafka after draining (docs/configuration.md)
-
-
-# --- tools -----------------------------------------------------------------------------------
-
-
-def venv_tool(name: str, package: str) -> str:
-    """A console script of the [test] extra: next to this interpreter, or on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found:
-        return found
-    pytest.fail(f"`{name}` is not installed: it comes from the PyPI package {package}, in the [test] extra of "
-                "pyproject.toml (`make test` installs it; or `.venv/bin/pip install -e '.[test]'`)")
-
-
-def run(argv: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=300,
-                          check=False)
-
-
-@functools.cache
-def kustomize_command() -> tuple[str, ...]:
-    kubectl = shutil.which("kubectl")
-    if kubectl:
-        return (kubectl, "kustomize")
-    kustomize = shutil.which("kustomize")
-    if kustomize:
-        return (kustomize, "build")
-    pytest.fail("neither `kubectl` (>= 1.27, which embeds kustomize v5) nor `kustomize` (v5) is on PATH: install "
-                "kubectl from the Kubernetes package repository (https://kubernetes.io/docs/tasks/tools/); "
-                "Debian bookworm's kubernetes-client 1.20 is too old")
-
-
-@functools.cache
-def rendered_text(target: str) -> str:
-    result = run([*kustomize_command(), str(TARGETS[target])])
-    assert result.returncode == 0, f"kustomize failed for {target}:\n{result.stderr}"
-    return result.stdout
-
-
-def rendered(target: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(rendered_text(target)) if doc]
-
-
-def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
-    return found[0]
-
-
-def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    spec: dict[str, Any] = only(docs, "Deployment")["spec"]["template"]["spec"]
-    return spec
-
-
-def sidecar_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    matches = [c for c in pod_spec(docs).get("initContainers", []) if c["name"] == SIDECAR]
-    assert len(matches) == 1, f"no init container named {SIDECAR}"
-    container: dict[str, Any] = matches[0]
-    return container
-
-
-def configmap(docs: list[dict[str, Any]], base_name: str) -> dict[str, Any]:
-    """A generated ConfigMap by its name before kustomize's hash suffix."""
-    found = [d for d in docs if d["kind"] == "ConfigMap"
-             and d["metadata"]["name"].rsplit("-", 1)[0] == base_name]
-    assert len(found) == 1, f"expected one ConfigMap {base_name}-<hash>, found {len(found)}"
-    return found[0]
-
-
-def placeholder_digest(secret: str, key: str) -> str:
-    return "sha256:" + hashlib.sha256(f"placeholder {secret}/{key}".encode()).hexdigest()
-
-
-def secret_value(secret: dict[str, Any], key: str) -> str:
-    if key in secret.get("stringData", {}):
-        return str(secret["stringData"][key])
-    return base64.b64decode(secret["data"][key]).decode()
-
-
-def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
-    """The environment a container of the rendered pod starts with.
-
-    envFrom ConfigMaps and secretKeyRefs are resolved from the rendered documents; a Secret the
-    render does not contain (production: it comes from the cluster's secret manager) gets a
-    placeholder digest, which is what a real Secret holds for these keys.
-    """
-    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        ref = source["configMapRef"]["name"]
-        assert ("ConfigMap", ref) in by_name, f"envFrom names a ConfigMap the render lacks: {ref}"
-        env.update(by_name[("ConfigMap", ref)]["data"])
-    namespace = only(docs, "Deployment")["metadata"].get("namespace", "default")
-    for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = var["value"]
-            continue
-        source = var["valueFrom"]
-        if "secretKeyRef" in source:
-            ref = source["secretKeyRef"]
-            secret = by_name.get(("Secret", ref["name"]))
-            if secret is None:
-                env[var["name"]] = placeholder_digest(ref["name"], ref["key"])
-            else:
-                env[var["name"]] = secret_value(secret, ref["key"])
-        elif "fieldRef" in source:
-            env[var["name"]] = {"metadata.name": "chat-app-5d8f7c9b4-x2x7q",
-                                "metadata.namespace": namespace}[source["fieldRef"]["fieldPath"]]
-        else:
-            raise AssertionError(f"unexpected env source for {var['name']}: {source}")
-    return env
-
-
-def sidecar_config_text(docs: list[dict[str, Any]]) -> tuple[str, str]:
-    """(the --config path, the config text the pod mounts there)."""
-    container = sidecar_container(docs)
-    args = container["args"]
-    path = Path(args[args.index("--config") + 1])
-    mount = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
-    assert len(mount) == 1, f"no volume is mounted at {path.parent}"
-    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mount[0]["name"])
-    name = volume["configMap"]["name"]
-    data = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name)["data"]
-    assert path.name in data, f"ConfigMap {name} has no key {path.name}"
-    return str(path), data[path.name]
-
-
-def sidecar_config(docs: list[dict[str, Any]]) -> Config:
-    _, text = sidecar_config_text(docs)
-    return parse_config(text, environ=container_env(docs, sidecar_container(docs)))
-
-
-def port_of(address: str) -> int:
-    return int(address.rsplit(":", 1)[1])
-
-
-def host_of(address: str) -> str:
-    return address.rsplit(":", 1)[0].strip("[]")
 
 
 # --- the Dockerfile ----------------------------------------------------------------------------
@@ -338,37 +211,30 @@ def test_sidecar_is_a_native_sidecar(target: str) -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_probes_reach_a_listener_the_kubelet_can_speak_to(target: str) -> None:
-    """The kubelet probes the pod IP, and its grpc: probes speak plaintext only: a probe is HTTP on
-    ops_listen (/healthz: liveness, /readyz: readiness), or grpc on a gRPC listener bound beyond
-    loopback without TLS (only `listen` may be: admin_listen there must have TLS). Inference stays
-    on loopback."""
+    """kubelet grpc: probes (CONTRACT §4: service `liveness` for liveness, "" for readiness). The
+    kubelet probes the pod IP and its grpc: probes speak plaintext only, so they go to
+    health_listen (grpc.health.v1 alone, plaintext, on the pod IP). Inference and admin stay on
+    loopback."""
     docs = rendered(target)
     container = sidecar_container(docs)
     config = sidecar_config(docs)
     assert host_of(config.listen) in LOOPBACK, "inference is for the app in the pod only"
     assert host_of(config.admin_listen) in LOOPBACK or config.tls.admin_listen is not None, (
         "the sidecar refuses a plaintext admin listener beyond loopback")
-    grpc_plaintext = {port_of(a) for a, tls in ((config.listen, config.tls.listen),
-                                                (config.admin_listen, config.tls.admin_listen))
-                      if host_of(a) in {"0.0.0.0", "::"} and tls is None}
+    assert config.health_listen is not None and host_of(config.health_listen) in {"0.0.0.0", "::"}
+    grpc_plaintext = {port_of(config.health_listen)}
     assert host_of(config.ops_listen) in {"0.0.0.0", "::"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     ops_port = port_of(config.ops_listen)
 
     probes = {kind: container[kind] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
-    paths = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
     services = {"startupProbe": {"liveness"}, "livenessProbe": {"liveness"}, "readinessProbe": READINESS_SERVICES}
     for kind, probe in probes.items():
         (how,) = set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"}
-        if how == "httpGet":
-            port = probe["httpGet"]["port"]
-            assert ports.get(port, port) == ops_port, f"{kind} probes the ops listener"
-            assert probe["httpGet"]["path"] == paths[kind] and probe["httpGet"].get("scheme", "HTTP") == "HTTP"
-        else:
-            assert how == "grpc", f"{kind}: an httpGet or grpc probe"
-            assert probe["grpc"]["port"] in grpc_plaintext, f"{kind}: a plaintext gRPC listener the kubelet reaches"
-            assert probe["grpc"].get("service", "") in services[kind]
-    assert ops_port in ports.values()
+        assert how == "grpc", f"{kind}: a kubelet grpc: probe (CONTRACT §4)"
+        assert probe["grpc"]["port"] in grpc_plaintext, f"{kind}: a plaintext gRPC listener the kubelet reaches"
+        assert probe["grpc"].get("service", "") in services[kind]
+    assert ops_port in ports.values() and port_of(config.health_listen) in ports.values()
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -438,8 +304,8 @@ def test_secrets_come_from_secret_key_refs(target: str) -> None:
     assert not app_refs & sidecar_refs
 
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    if target == "production":
-        assert not secrets, "no credential in git reaches production: its Secrets come from the cluster"
+    if environment(target) == "production" or target.startswith("helm-"):
+        assert not secrets, "no credential in git reaches production or the chart: Secrets come from the cluster"
     if target == "staging":
         # the example Secrets agree: the app's key hashes to the digest the sidecar is given
         (app_secret, app_key), = app_refs
@@ -487,16 +353,17 @@ def test_config_passes_the_sidecars_validator(target: str, tmp_path: Path) -> No
         parse_config(text, environ={})
 
 
-def test_overlays_set_their_environment() -> None:
-    staging, production = sidecar_config(rendered("staging")), sidecar_config(rendered("production"))
+@pytest.mark.parametrize("way", ["", "helm-"])
+def test_overlays_set_their_environment(way: str) -> None:
+    staging, production = sidecar_config(rendered(f"{way}staging")), sidecar_config(rendered(f"{way}production"))
     assert staging.telemetry.sample_ratio == 1.0
     assert production.telemetry.sample_ratio == 0.1
     assert production.usage.sink == "kafka"
-    for target, config in (("staging", staging), ("production", production)):
+    for target, config in ((f"{way}staging", staging), (f"{way}production", production)):
         env = configmap(rendered(target), "chat-app-sidecar-env")["data"]
         assert config.limits.store == "redis" and config.limits.redis_url == env["REDIS_URL"]
         assert config.usage.kafka.bootstrap_servers == env["KAFKA_BOOTSTRAP"]
-        assert config.telemetry.resource_attributes["deployment.environment"] == target
+        assert config.telemetry.resource_attributes["deployment.environment"] == environment(target)
         assert config.telemetry.otlp_endpoint.startswith("http")
 
 
@@ -509,8 +376,9 @@ def test_production_config_is_the_base_config_plus_tls() -> None:
     assert "tls" not in base and production["tls"]
 
 
-def test_production_calls_backends_over_mutual_tls_with_a_mounted_certificate_secret() -> None:
-    docs = rendered("production")
+@pytest.mark.parametrize("way", ["", "helm-"])
+def test_production_calls_backends_over_mutual_tls_with_a_mounted_certificate_secret(way: str) -> None:
+    docs = rendered(f"{way}production")
     config = sidecar_config(docs)
     backends = config.tls.backends
     assert backends is not None and None not in (backends.ca_file, backends.cert_file, backends.key_file)
@@ -526,7 +394,7 @@ def test_production_calls_backends_over_mutual_tls_with_a_mounted_certificate_se
     assert certificate["spec"]["secretName"] == secret["secretName"]
     assert "client auth" in certificate["spec"]["usages"]
     assert certificate["spec"]["privateKey"]["encoding"] == "PKCS8"  # an unencrypted PEM key the sidecar reads
-    for target in ("base", "staging"):
+    for target in (f"{way}base", f"{way}staging"):
         assert not secret_mounts(rendered(target)) and sidecar_config(rendered(target)).tls.backends is None
 
 
@@ -538,10 +406,20 @@ def test_termination_grace_covers_the_sidecars_drain(target: str) -> None:
     assert grace_s * 1000 > config.shutdown.grace_ms + KAFKA_FLUSH_MS
 
 
-def test_production_scales_beyond_staging() -> None:
-    staging, production = rendered("staging"), rendered("production")
-    staging_replicas = only(staging, "Deployment")["spec"]["replicas"]
-    production_replicas = only(production, "Deployment")["spec"]["replicas"]
+def replica_count(docs: list[dict[str, Any]]) -> int:
+    """The pods a rollout starts with: the Deployment's replicas, or (Helm leaves `replicas` to
+    the HPA, so that an upgrade does not reset it) the HPA's minReplicas."""
+    spec = only(docs, "Deployment")["spec"]
+    if "replicas" in spec:
+        return int(spec["replicas"])
+    return int(only(docs, "HorizontalPodAutoscaler")["spec"]["minReplicas"])
+
+
+@pytest.mark.parametrize("way", ["", "helm-"])
+def test_production_scales_beyond_staging(way: str) -> None:
+    staging, production = rendered(f"{way}staging"), rendered(f"{way}production")
+    staging_replicas = replica_count(staging)
+    production_replicas = replica_count(production)
     assert production_replicas > staging_replicas
     hpa = only(production, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
