@@ -340,8 +340,8 @@ def test_sidecar_is_a_native_sidecar(target: str) -> None:
 def test_probes_reach_a_listener_the_kubelet_can_speak_to(target: str) -> None:
     """The kubelet probes the pod IP, and its grpc: probes speak plaintext only: a probe is HTTP on
     ops_listen (/healthz: liveness, /readyz: readiness), or grpc on a gRPC listener bound beyond
-    loopback without TLS (only `listen` may be: admin_listen there must have TLS). Inference stays
-    on loopback."""
+    loopback without TLS (health_listen, which is always plaintext, or `listen`: admin_listen there
+    must have TLS). Inference stays on loopback."""
     docs = rendered(target)
     container = sidecar_container(docs)
     config = sidecar_config(docs)
@@ -351,6 +351,8 @@ def test_probes_reach_a_listener_the_kubelet_can_speak_to(target: str) -> None:
     grpc_plaintext = {port_of(a) for a, tls in ((config.listen, config.tls.listen),
                                                 (config.admin_listen, config.tls.admin_listen))
                       if host_of(a) in {"0.0.0.0", "::"} and tls is None}
+    if config.health_listen is not None and host_of(config.health_listen) in {"0.0.0.0", "::"}:
+        grpc_plaintext.add(port_of(config.health_listen))
     assert host_of(config.ops_listen) in {"0.0.0.0", "::"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     ops_port = port_of(config.ops_listen)
