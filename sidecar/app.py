@@ -85,6 +85,7 @@ class Listeners:
     listen: str = ""
     admin_listen: str = ""
     ops_listen: str = ""
+    health_listen: str = ""  # "": not configured
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -146,6 +147,8 @@ class Sidecar:
         self.listeners = Listeners()
         self._server = self._grpc_server()
         self._admin = self._grpc_server(ObservedServer(), AdminAuth(lambda: self.config))
+        # `health_listen`: grpc.health.v1 alone, for the kubelet's grpc: probes (plaintext only)
+        self._health_server = self._grpc_server() if config.health_listen is not None else None
         self._ops = OpsServer(self.health)
         self._stopped = asyncio.Event()
 
@@ -158,6 +161,10 @@ class Sidecar:
         """A backend became (un)healthy or was ejected, or the usage spool filled up or has room
         again: readiness may have changed."""
         self.tasks.spawn(self.health.publish(), name="readiness")
+
+    def _grpc_servers(self) -> list[grpc.aio.Server]:
+        """Inference, admin and, when configured, health: started and stopped together."""
+        return [self._server, self._admin, *([self._health_server] if self._health_server is not None else [])]
 
     def _grpc_server(self, *interceptors: grpc.aio.ServerInterceptor) -> grpc.aio.Server:
         # so_reuseport off: a second sidecar on the same port must fail, not share the traffic
@@ -186,8 +193,15 @@ class Sidecar:
         reflection.enable_server_reflection(admin_names, self._admin)
         self.listeners.listen = _bind(self._server, self.config.listen, self.listener_tls.get("listen"))
         self.listeners.admin_listen = _bind(self._admin, self.config.admin_listen, self.listener_tls.get("admin_listen"))
-        await self._server.start()
-        await self._admin.start()
+        if self._health_server is not None:
+            assert self.config.health_listen is not None  # the server exists for it
+            # the same state as the other listeners; nothing else (no reflection: a probe needs
+            # none; any other service is UNIMPLEMENTED). Plaintext: health carries no secrets, and
+            # the kubelet's grpc: probes cannot speak TLS
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer(), self._health_server)
+            self.listeners.health_listen = _bind(self._health_server, self.config.health_listen, None)
+        for server in self._grpc_servers():
+            await server.start()
         # after the gRPC servers: /healthz answering (a startup probe) means that they accept
         self.listeners.ops_listen = _with_port(self.config.ops_listen, await self._ops.start(self.config.ops_listen))
         if exposed_without_tls(self.config.listen, self.config.tls.listen):
@@ -212,6 +226,7 @@ class Sidecar:
         await self.health.mark_started()
         log.info("sidecar ready", extra={"listen": self.listeners.listen, "admin_listen": self.listeners.admin_listen,
                                          "ops_listen": self.listeners.ops_listen,
+                                         "health_listen": self.listeners.health_listen or None,
                                          "tls": {name: "mutual" if tls.mutual else "server"
                                                  for name, tls in self.listener_tls.items()},
                                          "config_version": self.health.config_version,
@@ -229,7 +244,8 @@ class Sidecar:
         finished = await self.in_flight.wait_idle(grace)
         if not finished:
             log.warning("grace period over; cancelling calls", extra={"in_flight": self.in_flight.count})
-        await asyncio.gather(self._server.stop(None), self._admin.stop(None))
+        # the health listener too: it answers NOT_SERVING through the drain, like the others
+        await asyncio.gather(*(server.stop(None) for server in self._grpc_servers()))
         await self.health_checker.aclose()
         await self.tasks.aclose(timeout=0)  # readiness pushes, the overrides sync, the config source
         if self.config_source is not None:

@@ -121,6 +121,9 @@ class Config(Section):
     listen: Address = "127.0.0.1:50051"
     admin_listen: Address = "127.0.0.1:50052"
     ops_listen: Address = "127.0.0.1:9464"
+    # only grpc.health.v1, always plaintext: for the kubelet's grpc: probes on the pod IP, which
+    # cannot speak TLS and cannot reach the loopback listeners. None: no such listener
+    health_listen: Address | None = None
     max_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0, le=MAX_INT32)  # gRPC takes an int32
     state_dir: PathText = "./var/state"       # routing overrides survive restarts here
     shutdown: ShutdownConfig = ShutdownConfig()
@@ -140,10 +143,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _distinct_listeners(self) -> Config:
-        listeners = [self.listen, self.admin_listen, self.ops_listen]
-        fixed = [a for a in listeners if not a.endswith(":0")]
+        listeners = [self.listen, self.admin_listen, self.ops_listen, self.health_listen]
+        fixed = [a for a in listeners if a is not None and not a.endswith(":0")]
         if len(set(fixed)) != len(fixed):
-            raise ValueError("listen, admin_listen and ops_listen must be different addresses")
+            raise ValueError("listen, admin_listen, ops_listen and health_listen must be different addresses")
         return self
 
 

@@ -27,7 +27,7 @@ __all__ = ["POLL_SECONDS", "RESTART", "RESTART_ONLY", "SETTLE_SECONDS", "check_r
 # Keys fixed for the life of the process: listeners are bound, stores, sinks and the tracer are
 # built once, with these. A new value is a rejected reload that names the key; restart to apply.
 RESTART_ONLY = (
-    "listen", "admin_listen", "ops_listen", "max_message_bytes", "state_dir",
+    "listen", "admin_listen", "ops_listen", "health_listen", "max_message_bytes", "state_dir",
     "limits.store", "limits.redis_url", "limits.redis_tls", "limits.redis_timeout_ms", "limits.on_store_error",
     "limits.expected_replicas", "limits.breaker_failures", "limits.breaker_cooldown_ms",
     "overrides.store", "usage", "audit",

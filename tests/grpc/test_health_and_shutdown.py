@@ -19,8 +19,11 @@ from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferRespons
 
 from tests.conftest import Launcher
 from tests.grpc.test_proxy import INFER, params
-from tests.harness.procs import wait_until
+from tests.harness.procs import free_port, wait_until
 from tests.harness.sidecar import BackendProc, SidecarProc, health_status, one_model
+
+LIST_ROUTES = "/sidecar.admin.v1.RoutingAdmin/ListRoutes"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 
 def http_get(url: str) -> tuple[int, dict[str, Any]]:
@@ -78,6 +81,9 @@ def test_serving_after_start_on_every_health_name(launch: Launcher, backend: Bac
         health_status(sidecar.listen, "no.such.Service")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
+    ready = next(line for line in sidecar.log_json() if line.get("msg") == "sidecar ready")
+    assert ready["health_listen"] is None  # not configured: no health-only listener
+
     status, body = http_get(f"{sidecar.ops_url}/readyz")
     assert status == 200 and body["status"] == "ready"
     assert body["components"]["config"]["version"]
@@ -85,6 +91,27 @@ def test_serving_after_start_on_every_health_name(launch: Launcher, backend: Bac
     assert status == 200 and body["status"] == "ok"
     with urllib.request.urlopen(f"{sidecar.ops_url}/metrics", timeout=2) as response:
         assert b"process_cpu_seconds_total" in response.read()
+
+
+def test_health_listen_serves_health_and_nothing_else(launch: Launcher, backend: BackendProc) -> None:
+    """Guards `health_listen`, the plaintext listener for the kubelet's grpc: probes: it reports
+    the same health as the other listeners, and serves nothing else (no inference, no admin, no
+    reflection), so putting it on the pod IP exposes nothing more."""
+    sidecar = launch.sidecar(one_model(backend.address, health_listen=f"127.0.0.1:{free_port()}"))
+    for service in ("", "inference.v1.Inference", "liveness"):
+        assert health_status(sidecar.health_listen, service) == "SERVING"
+    with pytest.raises(grpc.RpcError) as unknown:
+        health_status(sidecar.health_listen, "no.such.Service")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    infer = InferRequest(model="chat", input="not here").SerializeToString()
+    with grpc.insecure_channel(sidecar.health_listen) as channel:
+        for method, request in ((INFER, infer), (LIST_ROUTES, b""), (REFLECTION, b"")):
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary(method)(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
+    ready = next(line for line in sidecar.log_json() if line.get("msg") == "sidecar ready")
+    assert ready["health_listen"] == sidecar.health_listen
 
 
 def test_reflection_lists_the_services(launch: Launcher, backend: BackendProc) -> None:
@@ -97,7 +124,9 @@ def test_reflection_lists_the_services(launch: Launcher, backend: BackendProc) -
 def test_sigterm_drains_in_flight_calls_and_exits_zero(launch: Launcher) -> None:
     """Guards the drain: on SIGTERM, readiness turns NOT_SERVING (Watch streams see it) and new calls
     are refused while a call is still in flight, liveness stays SERVING, and the in-flight call is
-    answered before a clean exit.
+    answered before a clean exit. `health_listen` reports the same as `listen` throughout, so a
+    kubelet grpc: readiness probe takes the pod out of its Services while a liveness probe on it
+    lets the drain finish.
 
     The call's backend is frozen (SIGSTOP) before the call is made and thawed only after every
     check, so the call is in flight throughout however slowly a loaded machine runs them. Health
@@ -105,8 +134,9 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(launch: Launcher) -> None
     """
     backend = launch.backend()
     sidecar = launch.sidecar(one_model(backend.address, timeout_ms=120_000, shutdown="{grace_ms: 120000}",
-                                       health_checks="{enabled: false}"))
-    watchers = [Watcher(sidecar.listen, ""), Watcher(sidecar.listen, "inference.v1.Inference")]
+                                       health_checks="{enabled: false}", health_listen=f"127.0.0.1:{free_port()}"))
+    watchers = [Watcher(sidecar.listen, ""), Watcher(sidecar.listen, "inference.v1.Inference"),
+                Watcher(sidecar.health_listen, "")]
     for watcher in watchers:
         watcher.start()
     wait_until(lambda: all(w.statuses == ["SERVING"] for w in watchers), 20, what="watchers see SERVING")
@@ -123,7 +153,9 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(launch: Launcher) -> None
                what="Watch streams observe NOT_SERVING", proc=sidecar.proc)
     status, body = http_get(f"{sidecar.ops_url}/readyz")
     assert status == 503 and body["components"]["server"]["status"] == "draining"
-    assert health_status(sidecar.listen, "liveness", timeout=10) == "SERVING"  # alive while draining
+    for target in (sidecar.listen, sidecar.health_listen):
+        assert health_status(target, "", timeout=10) == "NOT_SERVING"
+        assert health_status(target, "liveness", timeout=10) == "SERVING"  # alive while draining
 
     with grpc.insecure_channel(sidecar.listen) as channel, pytest.raises(grpc.RpcError) as refused:
         channel.unary_unary(INFER)(InferRequest(model="chat").SerializeToString(), timeout=10)

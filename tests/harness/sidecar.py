@@ -60,6 +60,7 @@ class SidecarProc:
     listen: str
     admin_listen: str
     ops_listen: str
+    health_listen: str = ""  # "": none configured
 
     @property
     def ops_url(self) -> str:
@@ -110,7 +111,8 @@ def start_sidecar(workdir: Path, config_text: str, *, name: str = "sidecar",
     # run in the work dir: relative paths of the config (state_dir) stay inside the test's tmp dir
     proc = ManagedProcess([*SIDECAR, "run", "--config", str(config_path)], config_path.with_suffix(".log"),
                           cwd=workdir)
-    sidecar = SidecarProc(proc, config_path, raw["listen"], raw["admin_listen"], raw["ops_listen"])
+    sidecar = SidecarProc(proc, config_path, raw["listen"], raw["admin_listen"], raw["ops_listen"],
+                          raw.get("health_listen") or "")
     wait_until(lambda: health_status(sidecar.listen, credentials=credentials) == "SERVING", 20,
                what="sidecar readiness", proc=proc)
     return sidecar

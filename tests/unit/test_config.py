@@ -48,6 +48,28 @@ def test_defaults_are_the_contract_ports() -> None:
     assert (backend.weight, backend.priority) == (1.0, 0)
 
 
+def test_health_listen_is_off_unless_set() -> None:
+    """No health-only listener by default; set, it takes an address like the other listeners."""
+    assert load_config(CONFIGS / "valid" / "minimal.yaml").health_listen is None
+    model = "models: {chat: {backends: [{name: a, address: 'h:1'}]}}\n"
+    assert parse_config("health_listen: 0.0.0.0:50053\n" + model, environ={}).health_listen == "0.0.0.0:50053"
+    # port 0 (a free port, as tests bind) may repeat, like on the other listeners
+    both_free = "health_listen: 127.0.0.1:0\nops_listen: 127.0.0.1:0\n" + model
+    assert parse_config(both_free, environ={}).health_listen == "127.0.0.1:0"
+    with pytest.raises(ConfigError) as failure:
+        parse_config("health_listen: localhost\n" + model, environ={})
+    assert failure.value.problems == ["health_listen: must be host:port with a port from 0 to 65535"]
+
+
+@pytest.mark.parametrize("other", ["listen", "admin_listen", "ops_listen"])
+def test_health_listen_must_differ_from_every_other_listener(other: str) -> None:
+    text = f"{other}: 127.0.0.1:50053\nhealth_listen: 127.0.0.1:50053\nmodels: {{chat: {{backends: [{{name: a, address: 'h:1'}}]}}}}"
+    with pytest.raises(ConfigError) as failure:
+        parse_config(text, environ={})
+    assert failure.value.problems == [
+        "(root): listen, admin_listen, ops_listen and health_listen must be different addresses"]
+
+
 def test_env_substitution_with_and_without_defaults() -> None:
     text = (CONFIGS / "valid" / "full.yaml").read_text()
     config = parse_config(text, environ={"SIDECAR_TEST_BACKEND_B": "10.0.0.9:7000"})

@@ -43,6 +43,7 @@ def test_what_a_running_sidecar_takes(old: str, new: str) -> None:
 
 @pytest.mark.parametrize(("old", "new", "problems"), [
     ("listen: 127.0.0.1:50051", "listen: 127.0.0.1:50061", ["listen"]),
+    ("listen: 127.0.0.1:50051", "listen: 127.0.0.1:50051\nhealth_listen: 0.0.0.0:50053", ["health_listen"]),
     ("topic: inference.usage", "topic: other", ["usage.kafka.topic"]),
     ("sink: kafka, kafka", "sink: file, kafka", ["usage.sink"]),
     ("store: memory, orgs", "store: redis, redis_url: redis://127.0.0.1:6379/0, orgs",
@@ -50,7 +51,7 @@ def test_what_a_running_sidecar_takes(old: str, new: str) -> None:
     ("telemetry: {sample_ratio: 1.0}", "telemetry: {otlp_endpoint: http://127.0.0.1:4317}",
      ["telemetry.otlp_endpoint"]),
     ("telemetry: {sample_ratio: 1.0}", "telemetry: {otlp_headers: {x-key: k}}", ["telemetry.otlp_headers.x-key"]),
-], ids=["listen", "kafka_topic", "usage_sink", "limit_store", "otlp_endpoint", "otlp_header"])
+], ids=["listen", "health_listen", "kafka_topic", "usage_sink", "limit_store", "otlp_endpoint", "otlp_header"])
 def test_keys_that_need_a_restart_are_refused_by_key_path(old: str, new: str, problems: list[str]) -> None:
     text = changed(old, new)
     assert [p.split(": ", 1)[0] for p in restart_only_changes(RUNNING, parse_config(text, environ={}))] == problems
