@@ -17,6 +17,7 @@ install: $(STAMP)
 
 tools:
 	bash scripts/system_tools.sh
+	bash scripts/k8s_tools.sh >/dev/null
 
 # MLServer and tritonclient in virtualenvs of their own, cached outside the tree (the tests call
 # the script too, so a bare pytest run gets them as well)

@@ -2,7 +2,7 @@
 `kubectl kustomize`, the Helm chart (deploy/helm/inference-sidecar) with `helm template`, and
 reading what a rendered pod would run with.
 
-helm and kubectl are the pinned builds scripts/k8s_tools.sh caches (fetched from npm when
+helm (4), helm3 and kubectl are the pinned builds scripts/k8s_tools.sh caches (fetched from npm when
 missing); a missing tool fails the tests, never skips them.
 """
 from __future__ import annotations
