@@ -215,6 +215,22 @@ def test_inconsistent_values_fail_naming_the_key(flags: tuple[str, ...], names: 
     assert names in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("tool", ["helm", "helm3"])
+@pytest.mark.parametrize(("flags", "names"), [
+    (("--set", "replicaCont=3"), ("replicaCont",)),                      # a typo
+    (("--set", "replicaCount=two"), ("replicaCount",)),
+    (("--set", "sidecar.ports.health=0"), ("sidecar", "ports", "health")),
+    (("--set", "sidecar.secretEnv.REDIS_PASSWORD.secretName=redis"), ("REDIS_PASSWORD", "key")),
+    (("--set", "autoscaling.enabeld=true"), ("enabeld",)),
+])
+def test_values_schema_names_the_bad_key(tool: str, flags: tuple[str, ...], names: tuple[str, ...]) -> None:
+    """values.schema.json: a misspelt or mistyped value fails the install naming it, instead of
+    being ignored (a typo'd `enabled` would leave the autoscaler off without a word)."""
+    result = run([k8s_tool(tool), "template", "chat-app", str(CHART), *flags])
+    assert result.returncode != 0, result.stdout[:500]
+    assert all(name in result.stderr for name in names), result.stderr
+
+
 def test_ingress_routes_to_the_application_only(tmp_path: Path) -> None:
     text = helm_template("--set", "service.enabled=true", "--set", "ingress.enabled=true",
                          "--set", "ingress.className=nginx",
