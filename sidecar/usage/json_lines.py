@@ -1,0 +1,77 @@
+"""Usage records as JSON objects, as protobuf's `json_format.MessageToDict(record,
+preserving_proto_field_name=True)` writes them, at a fraction of its cost.
+
+`MessageToDict` walks every field descriptor in Python for every record; at one record per call
+it was the usage file's largest cost (~30 µs of a call's CPU, on the writer thread, holding the
+GIL the event loop needs). This walks only the fields that are set (`ListFields`, done in C),
+with each field's conversion chosen once per field descriptor. The output is the same dict (the
+tests compare the two on generated records): field order, 64-bit integers as strings, Timestamps
+in RFC 3339, bytes in base64, enums by name, non-finite floats as "NaN"/"Infinity".
+"""
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+Convert = Callable[[Any], Any]
+_STRING_INTEGERS = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
+_FLOATS = {FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT}
+_converters: dict[FieldDescriptor, Convert] = {}
+
+
+def record_dict(message: Message) -> dict[str, Any]:
+    """The message's set fields, converted as MessageToDict converts them."""
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        convert = _converters.get(field)
+        if convert is None:
+            convert = _converters[field] = _converter(field)
+        out[field.name] = convert(value)
+    return out
+
+
+def _converter(field: FieldDescriptor) -> Convert:
+    one = _scalar(field)
+    if field.is_repeated:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            raise NotImplementedError(f"map field {field.full_name}: use json_format")
+        return lambda values: [one(v) for v in values]
+    return one
+
+
+def _scalar(field: FieldDescriptor) -> Convert:
+    if field.message_type is not None:
+        if field.message_type.full_name == "google.protobuf.Timestamp":
+            return lambda value: value.ToJsonString()
+        if field.message_type.full_name.startswith("google.protobuf."):
+            raise NotImplementedError(f"well-known type {field.message_type.full_name}: use json_format")
+        return record_dict
+    if field.cpp_type in _STRING_INTEGERS:
+        return str
+    if field.cpp_type in _FLOATS:
+        if field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
+            raise NotImplementedError(f"float field {field.full_name}: use json_format")
+        return _double
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return lambda value: base64.b64encode(value).decode("utf-8")
+    if field.enum_type is not None:
+        values = field.enum_type.values_by_number
+        return lambda number: values[number].name if number in values else number
+    return _same
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _double(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
