@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
                               "(KServe v2) echo model server")
     backend.add_argument("--models", default="", metavar="A,B",
                          help="oip: the models it serves (ModelReady); default: every name is ready")
+    backend.add_argument("--prefix-cache-ms", type=float, default=0.0, metavar="MS",
+                         help="simulate a prefix (KV) cache: a call whose input prefix was not seen "
+                              "recently waits MS more before answering; default 0: off")
+    backend.add_argument("--prefix-bytes", type=int, default=256, metavar="N",
+                         help="with --prefix-cache-ms: the prefix is the input's first N bytes (default 256)")
+    backend.add_argument("--prefix-cache-entries", type=int, default=1024, metavar="E",
+                         help="with --prefix-cache-ms: the prefixes held, least recently used dropped (default 1024)")
     backend.add_argument("--tls-cert", metavar="FILE", help="serve over TLS with this PEM certificate (and --tls-key)")
     backend.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
     backend.add_argument("--client-ca", metavar="FILE",
@@ -312,11 +319,17 @@ def _demo_backend(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None) or (args.client_ca and not args.tls_cert):
         print("demo-backend: --tls-cert and --tls-key go together; --client-ca needs them", file=sys.stderr)
         return 2
+    if args.prefix_cache_ms < 0 or args.prefix_bytes < 1 or args.prefix_cache_entries < 1:
+        print("demo-backend: --prefix-cache-ms must be >= 0, --prefix-bytes and --prefix-cache-entries >= 1",
+              file=sys.stderr)
+        return 2
     run_backend(args.listen, DemoOptions(tokens=args.tokens, delay_ms=args.delay_ms, fail_rate=args.fail_rate,
                                          fail_code=args.fail_code.upper(), chunk_bytes=args.chunk_bytes,
                                          log_calls=args.log_calls, seed=args.seed, tls_cert=args.tls_cert,
                                          tls_key=args.tls_key, client_ca=args.client_ca, protocol=args.protocol,
-                                         models=tuple(m for m in args.models.split(",") if m)))
+                                         models=tuple(m for m in args.models.split(",") if m),
+                                         prefix_cache_ms=args.prefix_cache_ms, prefix_bytes=args.prefix_bytes,
+                                         prefix_cache_entries=args.prefix_cache_entries))
     return 0
 
 

@@ -132,6 +132,10 @@ class ModelHealthChecksConfig(Section):
     method: Literal["grpc_health", "oip_model_ready"] = "grpc_health"
 
 
+DEFAULT_PREFIX_BYTES = 256   # affinity: prefix hashes this much of the input by default
+MAX_PREFIX_BYTES = 65_536    # a prefix longer than this is a whole document, not a shared prompt
+
+
 class ModelConfig(Section):
     # the protocol its backends speak, and callers must use: inference_v1 (inference.v1.Inference)
     # or oip (the Open Inference Protocol, KServe v2: inference.GRPCInferenceService)
@@ -148,8 +152,11 @@ class ModelConfig(Section):
     max_reported_output_tokens: int | None = Field(default=None, ge=1, le=MAX_AMOUNT)
     # weighted_random; or p2c_ewma: two weighted draws, the lower peak-EWMA latency x (in flight + 1) wins
     balancer: Literal["weighted_random", "p2c_ewma"] = "weighted_random"
-    # session: calls with the same session_id go to the same backend (consistent hashing, bounded load)
-    affinity: Literal["none", "session"] = "none"
+    # session: calls with the same session_id go to the same backend (consistent hashing, bounded
+    # load); prefix: calls whose input starts with the same prefix_bytes bytes do (a backend's
+    # prefix / KV cache then serves the shared system prompt again)
+    affinity: Literal["none", "session", "prefix"] = "none"
+    prefix_bytes: int = Field(default=DEFAULT_PREFIX_BYTES, ge=1, le=MAX_PREFIX_BYTES)  # only with affinity: prefix
     tls: BackendTls = None  # the default of this model's backends, instead of tls.backends
     backends: list[BackendConfig] = Field(min_length=1)
 
@@ -161,6 +168,23 @@ class ModelConfig(Section):
                 raise ValueError(f"backend name {backend.name!r} is used twice")
             seen.add(backend.name)
         return self
+
+    @field_validator("affinity")
+    @classmethod
+    def _prefix_needs_text(cls, affinity: str, info: ValidationInfo) -> str:
+        if affinity == "prefix" and info.data.get("protocol") == "oip":
+            raise ValueError("prefix needs protocol: inference_v1; OIP inputs are tensors, relayed "
+                             "without being read")
+        return affinity
+
+    @field_validator("prefix_bytes")
+    @classmethod
+    def _prefix_bytes_needs_prefix(cls, prefix_bytes: int, info: ValidationInfo) -> int:
+        # runs only when the key is given: a prefix_bytes that nothing reads is a mistake to name
+        affinity = info.data.get("affinity")
+        if affinity is not None and affinity != "prefix":
+            raise ValueError(f"only with affinity: prefix (affinity is {affinity})")
+        return prefix_bytes
 
     @model_validator(mode="after")
     def _model_ready_needs_oip(self) -> ModelConfig:

@@ -79,3 +79,18 @@ def test_the_load_test_against_a_running_sidecar_skips_what_it_was_not_given(tmp
         ("baseline", True), ("backend_failure", None), ("rate_limit", None), ("budget", None)]
     assert scenarios[0]["codes"] == {"OK": scenarios[0]["calls"]} and scenarios[0]["calls"] >= 90
     assert "| rate_limit | skipped |" in report.read_text()
+
+
+@pytest.mark.slow
+def test_the_prefix_affinity_bench_measures_both_routings(tmp_path: Path) -> None:
+    out = tmp_path / "prefix_affinity.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "prefix_affinity.py"), "--rounds", "1",
+                             "--calls", "40", "--prefixes", "4", "--output", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"prefix", "weighted_random"}
+    for routing in results.values():
+        assert routing["calls"] == 40 and sum(routing["calls_per_backend"].values()) == 40
+        assert 0 < routing["ttft_p50_ms"] <= routing["ttft_p99_ms"] and 0 <= routing["cache_hit_share"] <= 1
+    assert "| prefix | 40 |" in result.stdout and "| weighted_random | 40 |" in result.stdout

@@ -7,6 +7,13 @@ the input's words (or `token<i>` with no input) up to `--tokens` (capped by the 
 was generated. Knobs for tests and load tests:
 
 - `--delay-ms N`: wait before answering (before the first chunk of a stream).
+- `--prefix-cache-ms MS` (with `--prefix-bytes N`, default 256, and `--prefix-cache-entries E`,
+  default 1024): a simulated prefix (KV) cache. The backend remembers the last E prefixes it
+  served (the first N bytes of the input, taken as the sidecar's `affinity: prefix` takes them),
+  and a call whose prefix it does not hold waits MS more before answering (before its first
+  chunk), as a real backend pays the prefill of a prompt it has not cached. A prefix counts as
+  held once that wait is over, so two calls that arrive together with a new prefix both pay it.
+  A small E plays a GPU whose cache holds few long prompts. Off by default.
 - `--fail-rate F` / `--fail-code CODE`: fail that share of calls with that gRPC code.
 - `--chunk-bytes N`: add N bytes of `delta_bytes` to every streamed chunk (large streams).
 - request `parameters` override per call: `delay_ms`, `fail_code`, `tokens`, `chunk_delay_ms`.
@@ -15,8 +22,9 @@ was generated. Knobs for tests and load tests:
   output tokens whatever was generated.
 - `--log-calls`: one JSON line per call on stdout when it starts (`call_started`: request id and
   the seconds left of the deadline it received) and when it ends (`call`: request id, metadata
-  keys received, outcome `ok`, `failed` or `cancelled`, and over mutual TLS `client_cn`, the
-  common name of the certificate the caller presented).
+  keys received, outcome `ok`, `failed` or `cancelled`, over mutual TLS `client_cn`, the
+  common name of the certificate the caller presented, and with the prefix cache on
+  `prefix_cache`: `hit` or `miss`).
 - `--tls-cert FILE --tls-key FILE`: serve over TLS (PEM); `--client-ca FILE` also requires every
   caller to present a certificate signed by that CA (mutual TLS). Read once, at start.
 """
@@ -27,16 +35,19 @@ import json
 import random
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from sidecar_client.inference.v1 import inference_pb2
 from sidecar_client.inference.v1.inference_pb2 import InferChunk, InferRequest, InferResponse, Usage
+
+from sidecar.routing.affinity import input_prefix
 
 Context = grpc.aio.ServicerContext[InferRequest, Any]
 GARBAGE = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"  # a field whose length varint never ends
@@ -56,6 +67,33 @@ class DemoOptions:
     client_ca: str | None = None  # require callers' certificates signed by this CA (mutual TLS)
     protocol: str = "inference_v1"  # or "oip": the Open Inference Protocol echo (oip_backend.py)
     models: tuple[str, ...] = ()     # oip: the models it serves (ModelReady); empty: every name
+    prefix_cache_ms: float = 0.0     # > 0: the simulated prefix cache is on; a miss waits this long
+    prefix_bytes: int = 256          # the prefix it caches, as models.<m>.prefix_bytes
+    prefix_cache_entries: int = 1024  # the prefixes it holds, least recently used forgotten first
+
+
+class PrefixCache:
+    """The prefixes a backend has prefilled, the least recently used forgotten past `size`."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def hit(self, prefix: bytes) -> bool:
+        """Whether `prefix` is cached (and then it becomes the most recently used)."""
+        if prefix not in self._seen:
+            return False
+        self._seen.move_to_end(prefix)
+        return True
+
+    def add(self, prefix: bytes) -> None:
+        self._seen[prefix] = None
+        self._seen.move_to_end(prefix)
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 @dataclass(frozen=True)
@@ -78,6 +116,7 @@ class DemoBackend:
         self.options = options
         self._rng = random.Random(options.seed)
         self._padding = b"\x00" * options.chunk_bytes
+        self.prefix_cache = PrefixCache(options.prefix_cache_entries) if options.prefix_cache_ms > 0 else None
 
     def _plan(self, request: InferRequest) -> _Plan:
         params: dict[str, Any] = dict(request.parameters.items()) if request.HasField("parameters") else {}
@@ -101,7 +140,8 @@ class DemoBackend:
 
     async def Infer(self, request: InferRequest, context: Context) -> InferResponse | bytes:
         plan = self._plan(request)
-        async with self._observed("Infer", request, context):
+        async with self._observed("Infer", request, context) as observed:
+            observed.prefix_cache = await self._prefill(request)
             await self._prelude(plan, context)
             if plan.garble:
                 return GARBAGE
@@ -113,7 +153,8 @@ class DemoBackend:
     async def InferStream(self, request: InferRequest,
                           context: Context) -> AsyncIterator[InferChunk | bytes]:
         plan = self._plan(request)
-        async with self._observed("InferStream", request, context):
+        async with self._observed("InferStream", request, context) as observed:
+            observed.prefix_cache = await self._prefill(request)
             await self._prelude(plan, context)
             last = len(plan.tokens) - 1
             for i, token in enumerate(plan.tokens):
@@ -128,6 +169,20 @@ class DemoBackend:
             if last < 0:
                 yield InferChunk(usage=Usage(input_tokens=len(request.input.split())),
                                  finish_reason=plan.finish_reason)
+
+    async def _prefill(self, request: InferRequest) -> str | None:
+        """With the prefix cache on: waits `prefix_cache_ms` for a prefix not cached, then caches
+        it; "hit" or "miss" (None when the cache is off, or the call has no input)."""
+        if self.prefix_cache is None:
+            return None
+        prefix = input_prefix(request.input, request.input_bytes, self.options.prefix_bytes)
+        if not prefix:
+            return None
+        if self.prefix_cache.hit(prefix):
+            return "hit"
+        await asyncio.sleep(self.options.prefix_cache_ms / 1000.0)
+        self.prefix_cache.add(prefix)
+        return "miss"
 
     async def _prelude(self, plan: _Plan, context: Context) -> None:
         if plan.delay:
@@ -167,8 +222,9 @@ class _CallLog:
         self.method, self.request, self.context = method, request, context
         self.started = time.perf_counter()
         self.common_names: list[bytes] = []
+        self.prefix_cache: str | None = None  # "hit" or "miss" with the prefix cache on
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> Self:
         if self.enabled:
             # read while the call is alive: asked at the end of a call the caller cancelled under
             # flow control, it left this backend answering nothing more (grpcio 1.85)
@@ -178,6 +234,7 @@ class _CallLog:
                               "request_id": next((v for k, v in metadata if k == "x-request-id"), None),
                               "time_remaining": self.context.time_remaining()}),  # the deadline it got
                   flush=True)
+        return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if not self.enabled:
@@ -196,6 +253,8 @@ class _CallLog:
                 "duration_ms": round((time.perf_counter() - self.started) * 1000, 3)}
         if self.common_names:  # mutual TLS: whose certificate the caller presented (tests see rotations)
             line["client_cn"] = self.common_names[0].decode()
+        if self.prefix_cache is not None:
+            line["prefix_cache"] = self.prefix_cache
         print(json.dumps(line), flush=True)
 
 

@@ -1,15 +1,18 @@
-"""Session affinity: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018).
+"""Session and prefix affinity: consistent hashing with bounded loads (Mirrokni, Thorup,
+Zadimoghaddam 2018).
 
 Pure and synchronous. Each backend name owns `points_per_name` points on a 64-bit ring; a key
-goes to the first name clockwise from its own point. So a session keeps its backend (and its
-prompt cache) while the set of names holds still, and when a backend leaves `candidates`
-(unhealthy, ejected, draining, already tried) only the keys it held move, each to the next name
-clockwise. The bound keeps a hot key from piling onto one backend: a name whose load has reached
-`ceil(bound * (total load + 1) / len(candidates))` is passed over like an absent one, so no
-backend takes more than about `bound` times the mean.
+goes to the first name clockwise from its own point. A key is a session id (`affinity: session`)
+or the first bytes of a request's input (`affinity: prefix`, see `input_prefix`). So a session,
+or a shared system prompt, keeps its backend (and its prompt cache) while the set of names holds
+still, and when a backend leaves `candidates` (unhealthy, ejected, draining, already tried) only
+the keys it held move, each to the next name clockwise. The bound keeps a hot key from piling
+onto one backend: a name whose load has reached `ceil(bound * (total load + 1) / len(candidates))`
+is passed over like an absent one, so no backend takes more than about `bound` times the mean.
 
-Hashes are blake2b of the UTF-8 bytes, never the built-in `hash()` (randomized per process):
-every sidecar replica, before and after a restart, maps a key to the same backend.
+Hashes are blake2b of the key's bytes (UTF-8 for text), never the built-in `hash()`
+(randomized per process): every sidecar replica, before and after a restart, maps a key to the
+same backend.
 """
 from __future__ import annotations
 
@@ -19,9 +22,23 @@ import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 
 
-def stable_hash(text: str) -> int:
-    """A 64-bit hash of `text` that is the same in every process and on every platform."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+def stable_hash(key: str | bytes) -> int:
+    """A 64-bit hash of `key` (text as UTF-8) that is the same in every process and on every platform."""
+    data = key.encode() if isinstance(key, str) else key
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def input_prefix(text: str, data: bytes, limit: int) -> bytes:
+    """The prefix key of a request: the first `limit` bytes of its text input in UTF-8, or, when
+    it has no text, of its binary input; all of it when shorter; b"" when it has neither.
+
+    Slices before encoding: a character is at least one byte, so `limit` characters hold the
+    first `limit` bytes, and a long input is never encoded whole. A cut may fall inside a
+    multi-byte character; the key is only hashed, so that is harmless.
+    """
+    if text:
+        return text[:limit].encode()[:limit]  # the last slice copies only when non-ASCII ran past `limit`
+    return data[:limit]
 
 
 class HashRing:
@@ -39,12 +56,12 @@ class HashRing:
     def names(self) -> frozenset[str]:
         return self._names
 
-    def preference(self, key: str) -> list[str]:
+    def preference(self, key: str | bytes) -> list[str]:
         """Every name once, in the order `choose` considers them for `key`: first the owner of
         the first point clockwise from the key's hash, then the next new name, and so on."""
         return list(self._clockwise(key))
 
-    def choose(self, key: str, candidates: Collection[str], load: Mapping[str, int],
+    def choose(self, key: str | bytes, candidates: Collection[str], load: Mapping[str, int],
                bound: float = 1.25) -> str | None:
         """The first name clockwise from hash(key) that is in `candidates` and whose load is below
         ceil(bound * (sum of candidates' loads + 1) / len(candidates)); None when candidates is empty.
@@ -66,7 +83,7 @@ class HashRing:
                 return name
         return None  # not reached: the least loaded member is at most the mean, below capacity
 
-    def _clockwise(self, key: str) -> Iterator[str]:
+    def _clockwise(self, key: str | bytes) -> Iterator[str]:
         count = len(self._points)
         start = bisect.bisect_right(self._points, stable_hash(key))
         seen: set[str] = set()

@@ -23,7 +23,7 @@ import grpc
 from sidecar.call import AttemptRecord, Call
 from sidecar.config import Config
 from sidecar.errors import SidecarError
-from sidecar.routing.affinity import HashRing
+from sidecar.routing.affinity import HashRing, input_prefix
 from sidecar.routing.backend_tls import TlsFailures
 from sidecar.routing.balancer import WeightedRandom
 from sidecar.routing.channels import Backend, ChannelKey
@@ -77,7 +77,11 @@ class Router:
         self._balancer = WeightedRandom(endpoints, self._rng, p2c_models=[
             m for m, model in config.models.items() if model.balancer == "p2c_ewma"])
         self._rings = {m: HashRing([b.name for b in model.backends])
-                       for m, model in config.models.items() if model.affinity == "session"}
+                       for m, model in config.models.items() if model.affinity != "none"}
+        # affinity: prefix models and how many bytes of the input make their key; the others
+        # of `_rings` key on the session id
+        self._prefix_bytes = {m: model.prefix_bytes for m, model in config.models.items()
+                              if model.affinity == "prefix"}
         self._health = config.health_checks
         self._outlier = config.outlier_detection
         self._retries = config.retries
@@ -139,9 +143,10 @@ class Router:
         if pinned is not None and pinned.routable(now):
             _chosen(call, pinned, "override")
             return
-        ring = self._rings.get(model)
-        if ring is not None and call.request.session_id:
-            sticky = self._sticky(ring, model, call.request.session_id, now)
+        ring = self._rings.get(model)  # None for most models: no more work than this lookup
+        if ring is not None:
+            key = self._affinity_key(call, model)
+            sticky = self._sticky(ring, model, key, now) if key else None
             if sticky is not None:
                 _chosen(call, sticky, "affinity")
                 return
@@ -153,12 +158,23 @@ class Router:
         _chosen(call, endpoint, "override" if endpoint.override_weight is not None
                 else "primary" if tier == 0 else "failover")
 
-    def _sticky(self, ring: HashRing, model: str, session_id: str, now: float) -> Endpoint | None:
-        """The session's backend among the routable ones of the first tier that has any: the
-        same while it stays routable and under 1.25 x the average load; only its sessions move."""
+    def _affinity_key(self, call: Call, model: str) -> str | bytes:
+        """What a model with affinity hashes: the input's prefix (`affinity: prefix`, which then
+        ignores `session_id`), else the session id; empty (balanced as usual) without one."""
+        limit = self._prefix_bytes.get(model)
+        if limit is None:
+            return call.request.session_id
+        request = call.request
+        # `input` hands over the whole text (upb decodes it on each read: ~1 us at 10 KB, what the
+        # limits and billing stages pay too); only its first `limit` bytes are encoded and hashed
+        return input_prefix(request.input, request.input_bytes, limit)
+
+    def _sticky(self, ring: HashRing, model: str, key: str | bytes, now: float) -> Endpoint | None:
+        """The key's backend among the routable ones of the first tier that has any: the same
+        while it stays routable and under 1.25 x the average load; only its keys move."""
         _, candidates = self._balancer.candidates(model, now)
         by_name = {e.name: e for e in candidates}
-        name = ring.choose(session_id, by_name, {e.name: e.in_flight for e in candidates})
+        name = ring.choose(key, by_name, {e.name: e.in_flight for e in candidates})
         return None if name is None else by_name[name]
 
     def retry(self, call: Call, code: grpc.StatusCode) -> bool:

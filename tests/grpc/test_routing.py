@@ -40,7 +40,7 @@ def routed(backends: list[tuple[str, BackendProc, float, int]], extra: str = "",
 def infer(target: str, metadata_key: str | None = None, request_id: str | None = None,
           **fields: object) -> str | None:
     """One unary call (with `metadata_key` as API key): None when it succeeded, else the error reason."""
-    request = InferRequest(model="chat", input="hi", **fields)  # type: ignore[arg-type]
+    request = InferRequest(**{"model": "chat", "input": "hi", **fields})  # type: ignore[arg-type]
     metadata = ((("x-api-key", metadata_key),) if metadata_key else ()) + (
         (("x-request-id", request_id),) if request_id else ())
     with grpc.insecure_channel(target) as channel:
@@ -238,3 +238,43 @@ def test_sessions_stick_and_only_a_drained_backends_sessions_move(launch: Launch
     moved = {s for s in first if third[s] != first[s]}
     assert moved == {s for s, n in first.items() if n == gone}  # only the drained backend's sessions
     assert 0.1 < len(moved) / len(first) < 0.45 and gone not in third.values()
+
+
+def first_chunk_ms(target: str, text: str, request_id: str) -> float:
+    """An InferStream of model `chat` with input `text`: milliseconds to its first chunk (read to the end)."""
+    request = InferRequest(model="chat", input=text).SerializeToString()
+    with grpc.insecure_channel(target) as channel:
+        started = time.perf_counter()
+        stream = channel.unary_stream(INFER_STREAM)(request, timeout=10, metadata=(("x-request-id", request_id),))
+        first = next(stream)
+        elapsed = (time.perf_counter() - started) * 1000
+        assert InferChunk.FromString(first).delta and len(list(stream)) == 7
+    return elapsed
+
+
+def test_calls_sharing_a_prompt_prefix_land_on_one_backend_and_find_its_cache_warm(launch: Launcher) -> None:
+    prefill = 150  # ms a demo backend waits for a prefix it has not seen
+    pool = {f"b{i}": launch.backend("--prefix-cache-ms", str(prefill), "--prefix-bytes", "32") for i in range(3)}
+    sidecar = launch.sidecar(routed([(n, b, 1, 0) for n, b in pool.items()],
+                                    model="affinity: prefix\n  prefix_bytes: 32", checks=NO_CHECKS))
+
+    def home(request_id: str) -> tuple[str, str]:
+        """The backend that served the call, and whether its prefix cache had the prefix."""
+        name, call = next((n, c) for n, b in pool.items() if (c := b.call_for(request_id)) is not None)
+        return name, call["prefix_cache"]
+
+    prompts = [f"You are helper {i:02d}.".ljust(32, ".") for i in range(12)]  # 32 bytes each
+    homes = {}
+    for i, prompt in enumerate(prompts):
+        cold = first_chunk_ms(sidecar.listen, prompt + " What is 2 + 2?", f"p{i}-cold")
+        warm = first_chunk_ms(sidecar.listen, prompt + " And what is 3 + 3?", f"p{i}-warm")
+        # unary, and a session id: the prefix decides
+        assert infer(sidecar.listen, request_id=f"p{i}-unary", input=prompt + " Bye.", session_id=f"s{i}") is None
+        placed = [home(f"p{i}-{kind}") for kind in ("cold", "warm", "unary")]
+        assert [name for name, _ in placed] == [placed[0][0]] * 3, placed  # one backend for the prefix
+        assert [cache for _, cache in placed] == ["miss", "hit", "hit"]
+        assert cold >= prefill and warm < cold - prefill / 2, (cold, warm)  # the prefill is paid once
+        homes[prompt] = placed[0][0]
+    assert Counter(homes.values()) == {"b0": 6, "b1": 4, "b2": 2}  # spread, as blake2b places them anywhere
+    assert sum(metric(sidecar, "api_router_routing_decisions_total", {"backend": n, "decision": "affinity"})
+               for n in pool) == 36

@@ -1,4 +1,5 @@
-"""Consistent hashing with bounded loads: stable keys, even spread, minimal movement, the load cap."""
+"""Consistent hashing with bounded loads: stable keys, even spread, minimal movement, the load cap;
+and the prefix key of `affinity: prefix`."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.routing.affinity import HashRing, stable_hash
+from sidecar.routing.affinity import HashRing, input_prefix, stable_hash
 
 NAMES = ["gpu-0", "gpu-1", "gpu-2", "gpu-3"]
 KEYS = [f"session-{i}" for i in range(10_000)]
@@ -34,6 +35,17 @@ def test_a_fixed_key_maps_to_a_fixed_name_in_every_process() -> None:
         ring = HashRing(NAMES)                          # a fresh ring each time
         assert {key: ring.choose(key, NAMES, {}) for key in expected} == expected
     assert HashRing(list(reversed(NAMES))).preference("alice") == ["gpu-2", "gpu-3", "gpu-0", "gpu-1"]
+
+
+def test_a_fixed_prefix_maps_to_a_fixed_name_in_every_process() -> None:
+    # bytes keys (affinity: prefix) hash like the same text would: blake2b of the same bytes
+    assert stable_hash(b"alice") == stable_hash("alice") == 5614559425216174729
+    assert stable_hash(b"You are a helpful assistant.") == 4505581556788146300  # computed in another process
+    expected = {b"You are a helpful assistant.": "gpu-2", b"You are a pirate.": "gpu-1",
+                b"Translate to French:": "gpu-0", "Résumé: ".encode(): "gpu-0"}
+    for _ in range(2):
+        ring = HashRing(NAMES)
+        assert {key: ring.choose(key, NAMES, {}) for key in expected} == expected
 
 
 @settings(max_examples=50, deadline=None)
@@ -163,3 +175,27 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_repr_is_readable() -> None:
     assert repr(HashRing(["b", "a"], points_per_name=3)) == "<HashRing names=['a', 'b'] points=6>"
+
+
+# --- the prefix key ----------------------------------------------------------------------------
+
+def test_the_prefix_is_the_first_bytes_of_the_text_in_utf8() -> None:
+    assert input_prefix("You are a helpful assistant. Question: why?", b"", 12) == b"You are a he"
+    assert input_prefix("short", b"", 256) == b"short"          # shorter: all of it
+    # 4 bytes: "é" is two bytes in UTF-8, so the cut falls inside the second one
+    assert input_prefix("éé€", b"", 3) == "éé".encode()[:3] == b"\xc3\xa9\xc3"
+    assert input_prefix("€€€€", b"", 5) == "€€".encode()[:5]
+    assert input_prefix("a", b"", 1) == b"a"
+
+
+def test_the_prefix_of_a_binary_input_is_its_first_bytes_and_text_comes_first() -> None:
+    assert input_prefix("", b"\x00\x01\x02\x03", 2) == b"\x00\x01"
+    assert input_prefix("", b"\x00", 256) == b"\x00"
+    assert input_prefix("text", b"\x00\x01", 256) == b"text"   # both: the text is the prompt
+    assert input_prefix("", b"", 256) == b""                    # neither: no key, balanced as usual
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300), st.integers(1, 300))
+def test_the_prefix_is_exactly_the_first_limit_bytes_of_the_encoded_text(text: str, limit: int) -> None:
+    assert input_prefix(text, b"", limit) == text.encode()[:limit]

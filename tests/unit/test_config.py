@@ -70,6 +70,18 @@ def test_health_listen_must_differ_from_every_other_listener(other: str) -> None
         "(root): listen, admin_listen, ops_listen and health_listen must be different addresses"]
 
 
+def test_prefix_affinity_takes_256_bytes_unless_told_and_its_bounds_are_inclusive() -> None:
+    def model(keys: str) -> str:
+        return f"models: {{chat: {{{keys}backends: [{{name: a, address: 'h:1'}}]}}}}"
+
+    chat = parse_config(model("affinity: prefix, "), environ={}).models["chat"]
+    assert (chat.affinity, chat.prefix_bytes) == ("prefix", 256)
+    for bound in (1, 65536):
+        assert parse_config(model(f"affinity: prefix, prefix_bytes: {bound}, "), environ={}).models[
+            "chat"].prefix_bytes == bound
+    assert parse_config(model(""), environ={}).models["chat"].affinity == "none"  # off by default
+
+
 def test_env_substitution_with_and_without_defaults() -> None:
     text = (CONFIGS / "valid" / "full.yaml").read_text()
     config = parse_config(text, environ={"SIDECAR_TEST_BACKEND_B": "10.0.0.9:7000"})
@@ -156,5 +168,6 @@ def test_the_documented_limits_are_the_code_s() -> None:
     assert f"at most {config_yaml.MAX_NUMBER_CHARS} characters" in limits
     for value in (sections.MAX_MS, sections.MAX_SECONDS, sections.MAX_WEIGHT, sections.MAX_COUNT, sections.MAX_INT32):
         assert f"| {value} (" in limits or f"| {value} |" in limits, value
+    assert f"| `models.<m>.prefix_bytes` | {sections.MAX_PREFIX_BYTES} |" in limits
     assert sections.MAX_AMOUNT == 10**15 and "10^15" in limits
     assert sections.MAX_DISK_BYTES == 2**50 and "2^50" in limits

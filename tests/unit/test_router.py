@@ -5,6 +5,7 @@ Pure given a clock moved by hand and a seeded `random.Random`; backends have no 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -699,3 +700,128 @@ async def test_applying_overrides_again_never_stacks_expiry_timers() -> None:
     await asyncio.sleep(0.3)  # the loop runs every timer due within 0.05 s before this one
     assert router.applied == 1
     assert not a.drained
+
+
+# --- affinity: prefix -----------------------------------------------------------------------------
+
+# three backends in one tier; the prefix is the first 16 bytes of the input
+PREFIX_CONFIG = """
+models:
+  chat:
+    affinity: prefix
+    prefix_bytes: 16
+    backends:
+      - {name: a, address: "127.0.0.1:7001"}
+      - {name: b, address: "127.0.0.1:7002"}
+      - {name: c, address: "127.0.0.1:7003"}
+health_checks: {unhealthy_threshold: 2, healthy_threshold: 2}
+"""
+PREFIXES = [f"system prompt {i:02d}" for i in range(60)]  # 16 bytes each
+
+
+def prefix_call(rig: Rig, text: str, session_id: str = "", method: str = "Infer", **fields: bytes) -> Call:
+    raw = InferRequest(model="chat", input=text, session_id=session_id, **fields).SerializeToString()  # type: ignore[arg-type]
+    call = begin_call(method, raw, (), None)
+    call.parse()
+    call.model = rig.config.models["chat"]
+    return call
+
+
+def placed(rig: Rig, text: str, **kwargs: str) -> str:
+    """The backend a call with input `text` goes to (nothing stays in flight)."""
+    call = prefix_call(rig, text, **kwargs)
+    rig.router.pick(call)
+    assert call.endpoint is not None
+    return call.endpoint.name
+
+
+def test_calls_sharing_a_prefix_go_to_one_backend_whatever_follows() -> None:
+    rig = make(PREFIX_CONFIG)
+    for prefix in PREFIXES[:10]:
+        homes = {placed(rig, prefix + suffix) for suffix in ("", " hi", " what is 2 + 2?", "!" * 500)}
+        assert len(homes) == 1, prefix
+    # unary and streaming calls alike, and in a fresh router (another process, another seed)
+    other = make(PREFIX_CONFIG, seed=7)
+    for prefix in PREFIXES:
+        assert placed(rig, prefix + " x", method="InferStream") == placed(other, prefix + " y")
+
+
+def test_different_prefixes_spread_over_the_backends() -> None:
+    rig = make(PREFIX_CONFIG)
+    spread = Counter(placed(rig, prefix + " question") for prefix in PREFIXES)
+    assert set(spread) == {"a", "b", "c"} and min(spread.values()) >= 10, spread
+
+
+def test_only_the_first_prefix_bytes_count() -> None:
+    rig = make(PREFIX_CONFIG)
+    # differing at byte 17 onwards: the same key; at byte 16 (the last one hashed): 60 keys, spread
+    assert len({placed(rig, "0123456789abcdef" + c) for c in "ABCDEFGHIJ"}) == 1
+    assert len({placed(rig, "0123456789abcde" + c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}) == 3
+
+
+def test_a_prefix_call_is_an_affinity_decision_and_one_without_input_is_balanced() -> None:
+    rig = make(PREFIX_CONFIG)
+    call = prefix_call(rig, "system prompt 00, then the question")
+    rig.router.pick(call)
+    assert call.routing_decision == "affinity" and call.decisions[-1][:2] == ("route", "affinity")
+    empty = prefix_call(rig, "")
+    rig.router.pick(empty)
+    assert empty.routing_decision == "primary"
+    assert Counter(placed(rig, "") for _ in range(300)).keys() == {"a", "b", "c"}  # the balancer's draws
+
+
+def test_a_binary_input_is_keyed_by_its_first_bytes() -> None:
+    rig = make(PREFIX_CONFIG)
+    image = bytes(range(16))
+    homes = {placed(rig, "", input_bytes=image + tail) for tail in (b"", b"\x00" * 10, b"\xff")}  # type: ignore[arg-type]
+    assert len(homes) == 1
+
+
+def test_the_prefix_wins_over_the_session_id() -> None:
+    rig = make(PREFIX_CONFIG)
+    # one prefix, many sessions: one backend; one session, many prefixes: the prefixes decide
+    assert len({placed(rig, PREFIXES[0] + " hi", session_id=f"session-{i}") for i in range(20)}) == 1
+    assert len({placed(rig, prefix, session_id="session-0") for prefix in PREFIXES}) == 3
+
+
+def test_a_hot_prefix_never_pushes_a_backend_past_the_bound() -> None:
+    """80 % of the calls share one prefix and all stay in flight: the hot prefix's backend fills
+    up to ceil(1.25 x mean) and the overflow goes on clockwise; no backend ever holds more."""
+    rig = make(PREFIX_CONFIG)
+    rng = random.Random(3)
+    endpoints = rig.router.endpoints["chat"]
+    hot = PREFIXES[0]
+    home = placed(rig, hot)
+    for n in range(1, 301):
+        text = hot if rng.random() < 0.8 else rng.choice(PREFIXES[1:])
+        call = prefix_call(rig, text + f" question {n}")
+        rig.router.pick(call)
+        assert call.endpoint is not None and call.routing_decision == "affinity"
+        rig.router.attempt_started(call.endpoint)    # in flight, and stays so
+        cap = math.ceil(1.25 * n / len(endpoints))   # n calls in flight over 3 backends
+        assert max(e.in_flight for e in endpoints) <= cap, [(e.name, e.in_flight) for e in endpoints]
+    loads = {e.name: e.in_flight for e in endpoints}
+    assert loads[home] == math.ceil(1.25 * 300 / 3)  # the hot prefix's backend is full, not over
+    assert sum(loads.values()) == 300                 # without the bound it would hold ~240
+
+
+def test_a_backend_that_leaves_moves_only_its_prefixes_and_gets_them_back() -> None:
+    rig = make(PREFIX_CONFIG)
+    before = {prefix: placed(rig, prefix) for prefix in PREFIXES}
+    for _ in range(2):
+        rig.router.record_check(ChannelKey("127.0.0.1:7002"), False)  # b unhealthy
+    during = {prefix: placed(rig, prefix) for prefix in PREFIXES}
+    moved = {prefix for prefix in PREFIXES if during[prefix] != before[prefix]}
+    assert moved == {prefix for prefix, name in before.items() if name == "b"} and moved
+    for _ in range(2):
+        rig.router.record_check(ChannelKey("127.0.0.1:7002"), True)
+    assert {prefix: placed(rig, prefix) for prefix in PREFIXES} == before
+
+
+def test_a_reload_can_turn_prefix_affinity_on_and_change_its_length() -> None:
+    rig = make(PREFIX_CONFIG.replace("    affinity: prefix\n    prefix_bytes: 16\n", ""))
+    assert Counter(placed(rig, PREFIXES[0]) for _ in range(100)).keys() == {"a", "b", "c"}  # balanced
+    reload(rig, PREFIX_CONFIG)
+    assert len({placed(rig, PREFIXES[0]) for _ in range(100)}) == 1
+    reload(rig, PREFIX_CONFIG.replace("prefix_bytes: 16", "prefix_bytes: 6"))  # "system": one key for all
+    assert len({placed(rig, prefix) for prefix in PREFIXES}) == 1
