@@ -157,7 +157,7 @@ async def profile(args: argparse.Namespace, stack: Stack) -> str:
     body.write_bytes(grpc_frame(request))
 
     stacks_file = args.keep or stack.tmp / "stacks.txt"
-    spy = subprocess.Popen([py_spy(), "record", "--pid", str(sidecar.pid), "--rate", str(args.sample_rate),
+    spy = await asyncio.create_subprocess_exec(*[py_spy(), "record", "--pid", str(sidecar.pid), "--rate", str(args.sample_rate),
                             "--format", "raw", "--output", str(stacks_file), "--duration", str(int(args.seconds)),
                             *(["--native"] if args.native else ["--nonblocking"])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -168,10 +168,10 @@ async def profile(args: argparse.Namespace, stack: Stack) -> str:
             "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-H", f"authorization: Bearer {dict(METADATA)['authorization'].removeprefix('Bearer ')}"]
     load += (["-c", "4", "-m", "16", "--rps", str(max(1, args.rate // 4))] if args.rate else ["-c", "4", "-m", "8"])
-    out = subprocess.run([*load, f"http://{listen}/inference.v1.Inference/Infer"], capture_output=True, text=True,
-                         check=False, timeout=args.seconds + 60)
+    out = await asyncio.to_thread(subprocess.run, [*load, f"http://{listen}/inference.v1.Inference/Infer"],
+                                  capture_output=True, text=True, check=False, timeout=args.seconds + 60)
     cpu1, t1 = cpu_seconds(sidecar.pid), time.monotonic()
-    _, err = spy.communicate(timeout=args.seconds + 60)
+    _, err = await asyncio.wait_for(spy.communicate(), args.seconds + 60)
     await target.close()
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done", out.stdout)
     requests = int(done[1]) if done else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,7 @@ def _converter(field: FieldDescriptor) -> Convert:
 def _scalar(field: FieldDescriptor) -> Convert:
     if field.message_type is not None:
         if field.message_type.full_name == "google.protobuf.Timestamp":
-            return lambda value: value.ToJsonString()
+            return _timestamp
         if field.message_type.full_name.startswith("google.protobuf."):
             raise NotImplementedError(f"well-known type {field.message_type.full_name}: use json_format")
         return record_dict
@@ -63,6 +64,24 @@ def _scalar(field: FieldDescriptor) -> Convert:
         values = field.enum_type.values_by_number
         return lambda number: values[number].name if number in values else number
     return _same
+
+
+_YEAR_1970_TO_9999 = range(253_402_300_800)  # seconds: four-digit years, which strftime writes alike
+
+
+def _timestamp(value: Any) -> str:
+    """`Timestamp.ToJsonString()`: RFC 3339 in UTC, with 0, 3, 6 or 9 digits of fraction."""
+    seconds, nanos = value.seconds, value.nanos
+    if seconds not in _YEAR_1970_TO_9999:
+        return str(value.ToJsonString())
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    if nanos == 0:
+        return text + "Z"
+    if nanos % 1_000_000 == 0:
+        return f"{text}.{nanos // 1_000_000:03d}Z"
+    if nanos % 1_000 == 0:
+        return f"{text}.{nanos // 1_000:06d}Z"
+    return f"{text}.{nanos:09d}Z"
 
 
 def _same(value: Any) -> Any:

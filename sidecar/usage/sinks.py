@@ -25,11 +25,11 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Protocol
 
-from google.protobuf import json_format
 from sidecar_client.sidecar.usage.v1 import usage_pb2
 
 from sidecar.tasks import Batcher, Tasks
 from sidecar.telemetry.metrics import USAGE_PUBLISH_SECONDS, USAGE_RECORDS_DROPPED, USAGE_RECORDS_PUBLISHED
+from sidecar.usage.json_lines import record_dict
 
 log = logging.getLogger("sidecar.usage")
 BATCH_SECONDS = 0.05  # records of this long are written together
@@ -137,8 +137,7 @@ class FileSink:
                 self.write_error = ""
 
     def _write(self, batch: list[usage_pb2.UsageRecord]) -> None:
-        lines = "".join(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True)) + "\n"
-                        for r in batch).encode()
+        lines = "".join(json.dumps(record_dict(r)) + "\n" for r in batch).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size + len(lines) > self._max_bytes:
             self._rotate()
