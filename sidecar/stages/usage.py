@@ -21,8 +21,8 @@ from sidecar.call import Call
 from sidecar.errors import SidecarError
 from sidecar.telemetry import tracing
 from sidecar.telemetry.metrics import USAGE_RECORDS_DROPPED
-from sidecar.usage.audit import AuditStore, audit_record
-from sidecar.usage.record import build_record
+from sidecar.usage.audit import AuditStore
+from sidecar.usage.record import usage_of
 from sidecar.usage.sinks import UsageSink
 
 REFUSED_REASON = "usage spool is full"
@@ -49,12 +49,12 @@ class RecordUsage:
         if not call.org:
             return None
         started = time.time_ns() if call.spans is not None else 0
-        record = build_record(call, time.perf_counter())
-        self._audit.put(audit_record(record, call))
+        usage = usage_of(call, time.perf_counter())
+        self._audit.put(usage, call)
         if not call.keep_usage_record:
             USAGE_RECORDS_DROPPED.labels("refused_call").inc()
             return None
-        wait = self._sink.submit(record)
+        wait = self._sink.submit(usage)
         if started:  # the hand-off's span: the records built and queued
-            tracing.record(call, "sidecar.usage", tracing.INTERNAL, started, (("sidecar.event_id", record.event_id),))
+            tracing.record(call, "sidecar.usage", tracing.INTERNAL, started, (("sidecar.event_id", usage.event_id),))
         return wait

@@ -18,6 +18,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 Convert = Callable[[Any], Any]
 _STRING_INTEGERS = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
@@ -48,7 +49,7 @@ def _converter(field: FieldDescriptor) -> Convert:
 def _scalar(field: FieldDescriptor) -> Convert:
     if field.message_type is not None:
         if field.message_type.full_name == "google.protobuf.Timestamp":
-            return _timestamp
+            return lambda value: timestamp_json(value.seconds, value.nanos)
         if field.message_type.full_name.startswith("google.protobuf."):
             raise NotImplementedError(f"well-known type {field.message_type.full_name}: use json_format")
         return record_dict
@@ -57,7 +58,7 @@ def _scalar(field: FieldDescriptor) -> Convert:
     if field.cpp_type in _FLOATS:
         if field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
             raise NotImplementedError(f"float field {field.full_name}: use json_format")
-        return _double
+        return double_json
     if field.type == FieldDescriptor.TYPE_BYTES:
         return lambda value: base64.b64encode(value).decode("utf-8")
     if field.enum_type is not None:
@@ -69,11 +70,10 @@ def _scalar(field: FieldDescriptor) -> Convert:
 _YEAR_1970_TO_9999 = range(253_402_300_800)  # seconds: four-digit years, which strftime writes alike
 
 
-def _timestamp(value: Any) -> str:
+def timestamp_json(seconds: int, nanos: int) -> str:
     """`Timestamp.ToJsonString()`: RFC 3339 in UTC, with 0, 3, 6 or 9 digits of fraction."""
-    seconds, nanos = value.seconds, value.nanos
     if seconds not in _YEAR_1970_TO_9999:
-        return str(value.ToJsonString())
+        return str(Timestamp(seconds=seconds, nanos=nanos).ToJsonString())
     text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     if nanos == 0:
         return text + "Z"
@@ -88,7 +88,7 @@ def _same(value: Any) -> Any:
     return value
 
 
-def _double(value: float) -> float | str:
+def double_json(value: float) -> float | str:
     if math.isfinite(value):
         return value
     if math.isnan(value):

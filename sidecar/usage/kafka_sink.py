@@ -56,7 +56,7 @@ from sidecar.telemetry.metrics import (
     USAGE_RECORDS_PUBLISHED,
 )
 from sidecar.usage.dlq import DeadLetters
-from sidecar.usage.record import SCHEMA
+from sidecar.usage.record import SCHEMA, Usage
 from sidecar.usage.spool import IN_FLIGHT, WAITING, Spool
 
 log = logging.getLogger("sidecar.usage.kafka")
@@ -170,7 +170,7 @@ class KafkaSink:
         self._acked = 0                  # acknowledgements not yet added to the metric (per poll)
         self._publish_seconds = USAGE_PUBLISH_SECONDS.labels(self.name)
         self._closing = False
-        self._queued: list[usage_pb2.UsageRecord] = []   # submitted, not spooled yet
+        self._queued: list[Usage] = []   # submitted, not spooled yet
         self._unproduced: list[tuple[int, bytes, bytes]] = []  # (seq, key, payload) spooled, not in its file yet
         spool.source = self._spool_queued
         spool.on_stored = self._produce_stored
@@ -229,9 +229,9 @@ class KafkaSink:
 
     # --- the record path -------------------------------------------------------------------
 
-    def submit(self, record: usage_pb2.UsageRecord) -> Awaitable[None] | None:
+    def submit(self, usage: Usage) -> Awaitable[None] | None:
         """Queues the record: the spool writer's next batch spools and produces it."""
-        self._queued.append(record)
+        self._queued.append(usage)
         if len(self._queued) == 1:
             self.spool.wake()
         return self.spool.durable() if self._strict else None
@@ -241,12 +241,12 @@ class KafkaSink:
         once it is in its file (`_produce_stored`), or WAITING for replay while Kafka is paused."""
         queued, self._queued = self._queued, []
         paused = time.monotonic() < self._paused_until or self._producer is None
-        for record in queued:
-            payload = record.SerializeToString()
+        for usage in queued:
+            payload = usage.record().SerializeToString()
             if paused:
                 self.spool.append(payload, WAITING)
             else:
-                self._unproduced.append((self.spool.append(payload, IN_FLIGHT), record.org.encode(), payload))
+                self._unproduced.append((self.spool.append(payload, IN_FLIGHT), usage.org.encode(), payload))
         if paused and queued:
             self._replay_soon()
 

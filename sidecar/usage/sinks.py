@@ -25,11 +25,9 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Protocol
 
-from sidecar_client.sidecar.usage.v1 import usage_pb2
-
 from sidecar.tasks import Batcher, Tasks
 from sidecar.telemetry.metrics import USAGE_PUBLISH_SECONDS, USAGE_RECORDS_DROPPED, USAGE_RECORDS_PUBLISHED
-from sidecar.usage.json_lines import record_dict
+from sidecar.usage.record import Usage
 
 log = logging.getLogger("sidecar.usage")
 BATCH_SECONDS = 0.05  # records of this long are written together
@@ -43,7 +41,7 @@ class UsageSink(Protocol):
 
     async def start(self) -> None: ...
 
-    def submit(self, record: usage_pb2.UsageRecord) -> Awaitable[None] | None: ...
+    def submit(self, usage: Usage) -> Awaitable[None] | None: ...
 
     def refusing(self) -> bool: ...
 
@@ -64,7 +62,7 @@ class NoSink:
     def refusing(self) -> bool:
         return False
 
-    def submit(self, record: usage_pb2.UsageRecord) -> None:
+    def submit(self, usage: Usage) -> None:
         return None
 
     def component(self) -> dict[str, Any]:
@@ -87,7 +85,7 @@ class FileSink:
         self._backups = backups
         self._batches = Batcher(self._write_batch, BATCH_SECONDS, name="usage-file-writer")
         self._max_held = max_held
-        self._held: list[usage_pb2.UsageRecord] = []   # not written yet: the file refused them
+        self._held: list[Usage] = []   # not written yet: the file refused them
         self._lock = asyncio.Lock()                     # one write at a time, in order
         self._tasks = Tasks()
         self._closing = asyncio.Event()
@@ -112,13 +110,13 @@ class FileSink:
     def refusing(self) -> bool:
         return False
 
-    def submit(self, record: usage_pb2.UsageRecord) -> None:
-        self._batches.add(record)
+    def submit(self, usage: Usage) -> None:
+        self._batches.add(usage)
 
     async def flush(self) -> None:
         await self._batches.flush()
 
-    async def _write_batch(self, batch: list[usage_pb2.UsageRecord]) -> None:
+    async def _write_batch(self, batch: list[Usage]) -> None:
         """Writes what is held, then `batch`; holds them all again when the file refuses them.
         With neither, checks that the file can be opened."""
         async with self._lock:
@@ -136,8 +134,8 @@ class FileSink:
                 log.info("usage file writable again", extra={"path": str(self.path), "records": len(records)})
                 self.write_error = ""
 
-    def _write(self, batch: list[usage_pb2.UsageRecord]) -> None:
-        lines = "".join(json.dumps(record_dict(r)) + "\n" for r in batch).encode()
+    def _write(self, batch: list[Usage]) -> None:
+        lines = "".join(json.dumps(usage.json()) + "\n" for usage in batch).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size + len(lines) > self._max_bytes:
             self._rotate()
@@ -154,7 +152,7 @@ class FileSink:
         self.written += len(batch)
         USAGE_RECORDS_PUBLISHED.labels(self.name).inc(len(batch))
 
-    def _hold(self, records: list[usage_pb2.UsageRecord]) -> None:
+    def _hold(self, records: list[Usage]) -> None:
         """Keeps records the file refused, at most `max_held`: older ones are dropped, counted."""
         over = len(records) - self._max_held
         if over > 0:
@@ -163,7 +161,7 @@ class FileSink:
             records = records[over:]
         self._held = records
 
-    def _drop(self, records: list[usage_pb2.UsageRecord], message: str) -> None:
+    def _drop(self, records: list[Usage], message: str) -> None:
         self.dropped += len(records)
         USAGE_RECORDS_DROPPED.labels("file_unwritable").inc(len(records))
         log.error(message, extra={"path": str(self.path), "records": len(records), "error": self.write_error})

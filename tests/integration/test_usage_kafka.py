@@ -370,7 +370,7 @@ def test_drop_oldest_keeps_serving_and_loses_only_the_oldest_records(
 ORDER = """
 import asyncio, resource, signal, sys, time
 from pathlib import Path
-from sidecar_client.sidecar.usage.v1 import usage_pb2
+from sidecar.usage.record import Usage
 from sidecar.config import UsageConfig
 from sidecar.usage.dlq import DeadLetters
 from sidecar.usage.kafka_sink import KafkaSink
@@ -393,7 +393,7 @@ async def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (16, hard))  # a segment's header fits, no record does
     for i in range(5):
-        sink.submit(usage_pb2.UsageRecord(event_id=f"{topic}-{i}", request_id=f"{topic}-{i}", org="acme"))
+        sink.submit(Usage(event_id=f"{topic}-{i}", request_id=f"{topic}-{i}", org="acme"))
     await until(lambda: spool.write_error, 30)
     component = sink.component()
     print("unwritable", component["in_flight"], spool.unsettled(), spool.waiting(), flush=True)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import REGISTRY
-from sidecar_client.sidecar.usage.v1 import usage_pb2
 
+from sidecar.usage.record import Usage
 from sidecar.usage.sinks import FileSink
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ async def test_records_are_held_while_the_file_cannot_be_written_and_the_oldest_
     assert sink.component()["status"] == "degraded" and sink.component()["write_error"].startswith("FileExistsError")
     before = dropped()
     for i in range(25):
-        sink.submit(usage_pb2.UsageRecord(event_id=f"e{i}", request_id=f"r{i}", org="acme"))
+        sink.submit(Usage(event_id=f"e{i}", request_id=f"r{i}", org="acme"))
     await sink.flush()
     component = sink.component()
     assert (component["status"], component["held"], component["dropped"]) == ("degraded", 10, 15)
@@ -67,7 +67,7 @@ async def test_what_is_still_held_at_shutdown_is_counted_as_dropped(tmp_path: Pa
     await sink.start()
     before = dropped()
     for i in range(3):
-        sink.submit(usage_pb2.UsageRecord(event_id=f"e{i}", request_id=f"r{i}", org="acme"))
+        sink.submit(Usage(event_id=f"e{i}", request_id=f"r{i}", org="acme"))
     await sink.aclose()
     assert dropped() == before + 3 and sink.dropped == 3
 
@@ -75,7 +75,7 @@ async def test_what_is_still_held_at_shutdown_is_counted_as_dropped(tmp_path: Pa
 CUT_SHORT = """
 import asyncio, resource, signal, sys, time
 from pathlib import Path
-from sidecar_client.sidecar.usage.v1 import usage_pb2
+from sidecar.usage.record import Usage
 from sidecar.usage.sinks import FileSink
 
 async def main() -> None:
@@ -86,7 +86,7 @@ async def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))  # full in the middle of the second line
     for i in range(5):
-        sink.submit(usage_pb2.UsageRecord(event_id=f"event-{i}", request_id=f"request-{i}", org="acme"))
+        sink.submit(Usage(event_id=f"event-{i}", request_id=f"request-{i}", org="acme"))
     await sink.flush()
     print("held", sink.component()["held"], "bytes", path.stat().st_size)
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again

@@ -6,9 +6,7 @@ import json
 import uuid
 from pathlib import Path
 
-from sidecar_client.sidecar.usage.v1 import usage_pb2
-
-from sidecar.usage.record import new_event_id
+from sidecar.usage.record import Usage, new_event_id
 from sidecar.usage.sinks import FileSink
 
 
@@ -26,9 +24,9 @@ def test_file_sink_rotates_and_keeps_backups(tmp_path: Path) -> None:
         sink = FileSink(path, max_bytes=120, backups=2)
         for batch in range(6):
             for i in range(3):
-                sink.submit(usage_pb2.UsageRecord(event_id=f"e{batch}-{i}", org="acme"))
+                sink.submit(Usage(event_id=f"e{batch}-{i}", org="acme"))
             await sink.flush()
-        sink.submit(usage_pb2.UsageRecord(event_id="last", org="acme"))
+        sink.submit(Usage(event_id="last", org="acme"))
         await sink.aclose()  # writes what is still queued
         return sink
 
