@@ -16,6 +16,8 @@ from sidecar.limits.budget import over_budget
 from sidecar.limits.gcra import charged, decide, settled_tat
 from sidecar.limits.store import Ask, Verdict
 
+_NOTHING = (0, 0.0)  # a budget window nothing was charged to yet: (consumed, window end)
+
 
 class MemoryLimitStore:
     name = "memory"
@@ -39,31 +41,31 @@ class MemoryLimitStore:
 
     def admit_now(self, ask: Ask) -> Verdict:
         rates = [r.scaled(self.share) for r in ask.rates] if self.share != 1.0 else ask.rates
-        keys = [ask.rate_key(i) for i in range(len(rates))]
+        keys = ask.rate_keys or [ask.rate_key(i) for i in range(len(rates))]
         now = self._clock()
         if self._start_empty:
             for key, rate in zip(keys, rates, strict=True):
                 if key not in self._tats:  # one second's worth in the bucket, not a whole burst
                     self._tats[key] = now + (rate.burst - min(rate.burst, rate.per_second)) * rate.interval
-        decision = decide(rates, [self._tats.get(k) for k in keys], now, ask.rate_costs)
+        tats = self._tats
+        decision = decide(rates, [tats.get(k) for k in keys], now, ask.rate_costs)
         if not decision.allowed:
             return Verdict(False, decision.retry_after, decision.denied_by, shadow_denied=decision.shadow_denied)
         budgets = [b.scaled(self.share) for b in ask.budgets] if self.share != 1.0 else ask.budgets
-        budget_keys = [ask.budget_key(i) for i in range(len(budgets))]
-        consumed = [self._consumed.get(k, (0, 0.0))[0] for k in budget_keys]
+        budget_keys = ask.budget_keys or [ask.budget_key(i) for i in range(len(budgets))]
+        consumed = [self._consumed.get(k, _NOTHING)[0] for k in budget_keys]
         over = over_budget(budgets, consumed, ask.budget_costs)
         if over is not None:
             return Verdict(False, 0.0, budgets[over].name, True, consumed[over], decision.shadow_denied)
         for key, tat in zip(keys, decision.new_tats, strict=True):
-            self._tats[key] = tat
+            tats[key] = tat
         new_window = False
         for key, used, cost, budget in zip(budget_keys, consumed, ask.budget_costs, budgets, strict=True):
             new_window = new_window or key not in self._consumed
             self._consumed[key] = (used + cost, budget.window.resets_at)
         if new_window:
             self._prune()  # a window began: those that ended go
-        return Verdict(True, shadow_denied=decision.shadow_denied,
-                       charged=tuple(charged(r, c) for r, c in zip(rates, ask.rate_costs, strict=True)))
+        return Verdict(True, shadow_denied=decision.shadow_denied, charged=tuple(map(charged, rates, ask.rate_costs)))
 
     def settle(self, ask: Ask, rate_deltas: tuple[float, ...], budget_deltas: tuple[int, ...],
                *, degraded: bool = False) -> None:

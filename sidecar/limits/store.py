@@ -18,6 +18,16 @@ class StoreUnavailable(Exception):
     """The shared store did not answer (refused, timed out, or failed); adapters raise only this."""
 
 
+def rate_key(org: str, rate: Rate) -> str:
+    """The store key of one of an org's rates (the org in braces: a Redis Cluster hash tag)."""
+    return f"sidecar:rl:{{{org}}}:{rate.name}"
+
+
+def budget_key(org: str, budget: Budget) -> str:
+    """The store key of one of an org's budgets, in its current window."""
+    return f"sidecar:budget:{{{org}}}:{budget.name}:{budget.window.id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Ask:
     org: str                         # every key of one ask carries the org as its hash tag
@@ -25,13 +35,20 @@ class Ask:
     rate_costs: tuple[float, ...]    # units per rate: 1 for requests, estimated tokens for tokens
     budgets: tuple[Budget, ...] = ()
     budget_costs: tuple[int, ...] = ()
+    # the store keys of the rates and budgets, when the asker has them at hand (the limits stage
+    # keeps them per config and day: no formatting per call); empty: made from the names
+    rate_keys: tuple[str, ...] = ()
+    budget_keys: tuple[str, ...] = ()
 
     def rate_key(self, i: int) -> str:
-        return f"sidecar:rl:{{{self.org}}}:{self.rates[i].name}"
+        if self.rate_keys:
+            return self.rate_keys[i]
+        return rate_key(self.org, self.rates[i])
 
     def budget_key(self, i: int) -> str:
-        budget = self.budgets[i]
-        return f"sidecar:budget:{{{self.org}}}:{budget.name}:{budget.window.id}"
+        if self.budget_keys:
+            return self.budget_keys[i]
+        return budget_key(self.org, self.budgets[i])
 
     def keys(self) -> list[str]:
         return [*(self.rate_key(i) for i in range(len(self.rates))),

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
@@ -30,7 +31,7 @@ from sidecar.errors import SidecarError
 from sidecar.limits.budget import MICROS, Budget, cost_micros, day_window, estimate_tokens, month_window
 from sidecar.limits.gcra import Rate
 from sidecar.limits.reservation import Reservation
-from sidecar.limits.store import Ask, LimitStore, Verdict
+from sidecar.limits.store import Ask, LimitStore, Verdict, budget_key, rate_key
 from sidecar.telemetry.metrics import (
     BUDGET_DENIALS,
     LIMIT_DECISION_SECONDS,
@@ -57,6 +58,26 @@ def rates_of(prefix: str, rule: RateRule) -> list[Rate]:
     return rates
 
 
+class _Plan(NamedTuple):
+    """The rates of one (org, key id, model, protocol), with what every call of theirs repeats:
+    the store keys and the audit decision's detail. Made once per config and combination (all
+    of them come from the config: the model is resolved before this stage), not per call."""
+
+    rates: tuple[Rate, ...]
+    keys: tuple[str, ...]
+    detail: str                  # the names, for the call's "rate_limit allow" decision
+    tokens: bool                 # some rate counts tokens: the call holds a reservation
+
+
+class _Budgets(NamedTuple):
+    """An org's budgets in one day's calendar windows, with their store keys and names."""
+
+    day_number: int
+    budgets: tuple[Budget, ...]
+    keys: tuple[str, ...]
+    detail: str
+
+
 class LimitTable:
     """The rates and budgets of one config, by org, key id and (org, model); built once per config."""
 
@@ -68,43 +89,69 @@ class LimitTable:
                            for org, rule in limits.orgs.items() for model, model_rule in rule.models.items()}
         self.caps = {org: rule.caps() for org, rule in budgets.orgs.items()}
         self.prices = budgets.prices
-        self._budgets: dict[str, tuple[int, tuple[Budget, ...]]] = {}  # org -> (day number, budgets)
+        self._budgets: dict[str, _Budgets] = {}
+        self._plans: dict[tuple[str, str, str, bool], _Plan] = {}
 
     def budgets(self, org: str, now: float) -> tuple[Budget, ...]:
         """The org's budgets in the calendar windows around `now`; rebuilt once a day."""
-        caps = self.caps.get(org)
-        if not caps:
-            return ()
+        return self._day_budgets(org, now).budgets
+
+    def _day_budgets(self, org: str, now: float) -> _Budgets:
         day_number = int(now // 86_400)
         cached = self._budgets.get(org)
-        if cached is None or cached[0] != day_number:
+        if cached is None or cached.day_number != day_number:
+            caps = self.caps.get(org) or {}
             day, month = day_window(now), month_window(now)
-            cached = (day_number, tuple(
+            budgets = tuple(
                 Budget(f"org:{org}:{cap}", round(value * MICROS) if cap.startswith("cost") else int(value),
                        day if cap.endswith("day") else month, cap.startswith("cost"))
-                for cap, value in caps.items()))
+                for cap, value in caps.items())
+            cached = _Budgets(day_number, budgets, tuple(budget_key(org, b) for b in budgets),
+                              ", ".join(b.name for b in budgets))
             self._budgets[org] = cached
-        return cached[1]
+        return cached
 
-    def ask(self, call: Call, now: float) -> Ask | None:
-        """What one call asks of the store, its tokens estimated; None when nothing applies."""
+    def _plan(self, org: str, key_id: str, model: str, oip: bool) -> _Plan:
+        plan = self._plans.get((org, key_id, model, oip))
+        if plan is None:
+            rates = (*self.orgs.get(org, ()), *self.keys.get(key_id, ()), *self.org_models.get((org, model), ()))
+            if oip:  # no tokens: only request rates apply
+                rates = tuple(r for r in rates if not r.tokens)
+            plan = self._plans[(org, key_id, model, oip)] = _Plan(
+                rates, tuple(rate_key(org, r) for r in rates), ", ".join(r.name for r in rates),
+                any(r.tokens for r in rates))
+        return plan
+
+    def ask(self, call: Call, now: float) -> tuple[Ask, _Plan, str] | None:
+        """What one call asks of the store, its tokens estimated, with its plan and the names of
+        its budgets; None when nothing applies."""
         model = call.request.model
-        rates = [*self.orgs.get(call.org, ()), *self.keys.get(call.api_key_id, ()),
-                 *self.org_models.get((call.org, model), ())]
-        budgets = self.budgets(call.org, now)
-        if call.protocol == OIP:  # no tokens: only request rates and cost budgets apply
-            rates = [r for r in rates if not r.tokens]
-            budgets = tuple(b for b in budgets if b.is_cost)
-        if not rates and not budgets:
+        oip = call.protocol == OIP
+        plan = self._plan(call.org, call.api_key_id, model, oip)
+        day = self._day_budgets(call.org, now) if call.org in self.caps else _NO_BUDGETS
+        budgets, budget_keys, budget_detail = day.budgets, day.keys, day.detail
+        if oip and budgets:  # no tokens: only cost budgets apply
+            kept = [i for i, b in enumerate(budgets) if b.is_cost]
+            budgets, budget_keys = tuple(budgets[i] for i in kept), tuple(budget_keys[i] for i in kept)
+            budget_detail = ", ".join(b.name for b in budgets)
+        if not plan.rates and not budgets:
             return None
         assert call.model is not None
-        est_in, est_out = (0, 0) if call.protocol == OIP else estimate_tokens(
+        est_in, est_out = (0, 0) if oip else estimate_tokens(
             call.request.input, call.request.input_bytes,
             call.request.max_output_tokens or call.model.default_max_output_tokens)
-        rate_costs = tuple(float(est_in + est_out) if r.tokens else 1.0 for r in rates)
-        price = self.prices.get(model)
-        budget_costs = tuple(cost_micros(price, est_in, est_out, 1) if b.is_cost else est_in + est_out for b in budgets)
-        return Ask(call.org, tuple(rates), rate_costs, budgets, budget_costs)
+        tokens = float(est_in + est_out)
+        rate_costs = tuple(tokens if r.tokens else 1.0 for r in plan.rates) if plan.tokens else (1.0,) * len(plan.rates)
+        budget_costs: tuple[int, ...] = ()
+        if budgets:
+            price = self.prices.get(model)
+            budget_costs = tuple(cost_micros(price, est_in, est_out, 1) if b.is_cost else est_in + est_out
+                                 for b in budgets)
+        ask = Ask(call.org, plan.rates, rate_costs, budgets, budget_costs, plan.keys, budget_keys)
+        return ask, plan, budget_detail
+
+
+_NO_BUDGETS = _Budgets(0, (), (), "")
 
 
 class Limits:
@@ -120,9 +167,10 @@ class Limits:
 
     async def __call__(self, call: Call) -> None:
         table = self._tables.get(self._config())
-        ask = table.ask(call, self._wall())
-        if ask is None:
+        asked = table.ask(call, self._wall())
+        if asked is None:
             return
+        ask, plan, budget_names = asked
         started = time.perf_counter()
         verdict = await self._store.admit(ask)
         self._decision_seconds.observe(time.perf_counter() - started)
@@ -136,10 +184,10 @@ class Limits:
         if not verdict.allowed:
             call.decide("budget" if verdict.over_budget else "rate_limit", "deny", verdict.denied_by)
             raise self._denied(call, ask, verdict)
-        call.decide("rate_limit", "allow", ", ".join(r.name for r in ask.rates))
+        call.decide("rate_limit", "allow", plan.detail)
         if ask.budgets:
-            call.decide("budget", "allow", ", ".join(b.name for b in ask.budgets))
-        if ask.budgets or any(r.tokens for r in ask.rates):
+            call.decide("budget", "allow", budget_names)
+        if ask.budgets or plan.tokens:
             call.reservation = Reservation(ask, verdict.degraded, verdict.charged)
 
     def _denied(self, call: Call, ask: Ask, verdict: Verdict) -> SidecarError:
