@@ -47,9 +47,6 @@ SCRIPT = Path(__file__).resolve()
 
 
 def instrument(totals_path: str) -> None:
-    if os.environ.get("STAGES_GC_OFF"):
-        import gc
-        gc.disable()
     """Wraps the parts of a call with timers; writes {part: [calls, ns]} at exit."""
     from sidecar import attempt, pipeline, server
     from sidecar.call import Call
