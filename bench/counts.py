@@ -1,6 +1,7 @@
 """What the processes themselves counted, to cross-check load tools that can't see grpc-status.
 
-- the sidecar: `grpc_server_handled_total` on its ops listener's `GET /metrics` (CONTRACT §8);
+- the sidecar: `grpc_server_handled_total` on its ops listener's `GET /metrics` (CONTRACT §8), and
+  its own share of a call, the `api_router_sidecar_overhead_seconds` histogram;
 - the demo backend: its `--log-calls` JSON lines (one per call, with the outcome).
 """
 from __future__ import annotations
@@ -11,9 +12,12 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 HANDLED = "grpc_server_handled_total"
+OVERHEAD = "api_router_sidecar_overhead_seconds"
 
 
 def scrape_handled(ops_address: str, method: str = "Infer") -> Counter[str] | None:
@@ -57,3 +61,33 @@ def delta(before: Counter[str] | None, after: Counter[str] | None) -> dict[str, 
         return None
     after.subtract(before)
     return {k: v for k, v in after.items() if v}
+
+
+def overhead_buckets(ops: str) -> dict[float, float]:
+    """Cumulative counts of `api_router_sidecar_overhead_seconds` (Infer) by upper bound."""
+    with urllib.request.urlopen(f"http://{ops}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{OVERHEAD}_bucket" and sample.labels.get("grpc_method") == "Infer":
+                buckets[float(sample.labels["le"])] = sample.value
+    return buckets
+
+
+def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
+    """histogram_quantile over the difference of two scrapes, in ms (linear within a bucket)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower * 1000
+            inside = count - below
+            return (lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)) * 1000
+        lower, below = bound, count
+    return None

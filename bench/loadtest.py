@@ -4,6 +4,7 @@
     .venv/bin/python bench/loadtest.py --duration 5             # shorter scenarios
     .venv/bin/python bench/loadtest.py --target HOST:PORT --ops HOST:PORT --api-key KEY \\
         [--rate-limited-key KEY] [--budget-key KEY] [--backend-failure-command CMD]
+    .venv/bin/python bench/loadtest.py --seeds                  # the seeds' scenarios: bench/seeds.py
 
 Without `--target` it starts its own stack: two demo backends and `sidecar run` with a config
 that has a main org (no limits), an org limited to 600 requests/minute and an org with a small
@@ -37,16 +38,16 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import seeds
 import yaml
+from counts import overhead_buckets, quantile
 from procs import Proc, loopback, start, stop, wait_serving
-from prometheus_client.parser import text_string_to_metric_families
 from sidecar_client import error_detail
 from sidecar_client.inference.v1 import inference_pb2
 
@@ -55,7 +56,6 @@ MODEL = "chat"
 KEYS = {"main": "load-main-key", "limited": "load-limited-key", "budget": "load-budget-key"}
 LIMITED_RPM = 600
 BUDGET_TOKENS = 20_000
-OVERHEAD = "api_router_sidecar_overhead_seconds"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=256, help="calls in flight at most, open loop (256)")
     p.add_argument("--slo-overhead-p50-ms", type=float, default=2.0, help="sidecar overhead median (2 ms)")
     p.add_argument("--slo-overhead-p95-ms", type=float, default=10.0, help="sidecar overhead p95 (10 ms)")
+    p.add_argument("--slo-overhead-p99-ms", type=float, default=20.0,
+                   help="sidecar overhead p99 (20 ms; judged in the --seeds scenarios)")
     p.add_argument("--slo-error-rate", type=float, default=0.001, help="failed share of calls (0.001)")
     p.add_argument("--scenarios", default="baseline,peak,burst,backend_failure,rate_limit,budget")
     p.add_argument("--output", type=Path, default=None, help="report path (.md; a .json beside it)")
@@ -80,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     remote.add_argument("--budget-key", help="a key of an org with a small daily token budget")
     remote.add_argument("--budget-tokens", type=int, default=BUDGET_TOKENS, help="that budget, in tokens")
     remote.add_argument("--backend-failure-command", help="a shell command that takes one backend down")
+    seeds.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -155,38 +158,6 @@ class Caller:
 
     async def close(self) -> None:
         await self.channel.close()
-
-
-# --- the sidecar's own view ---------------------------------------------------------------------
-
-def overhead_buckets(ops: str) -> dict[float, float]:
-    """Cumulative counts of `api_router_sidecar_overhead_seconds` (Infer) by upper bound."""
-    with urllib.request.urlopen(f"http://{ops}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == f"{OVERHEAD}_bucket" and sample.labels.get("grpc_method") == "Infer":
-                buckets[float(sample.labels["le"])] = sample.value
-    return buckets
-
-
-def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
-    """histogram_quantile over the difference of two scrapes, in ms (linear within a bucket)."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    if not counts or counts[-1] <= 0:
-        return None
-    rank = q * counts[-1]
-    lower, below = 0.0, 0.0
-    for bound, count in zip(bounds, counts, strict=True):
-        if count >= rank:
-            if bound == float("inf"):
-                return lower * 1000
-            inside = count - below
-            return (lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)) * 1000
-        lower, below = bound, count
-    return None
 
 
 # --- scenarios ----------------------------------------------------------------------------------
@@ -406,6 +377,11 @@ async def main_async(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.seeds:
+        if args.target:
+            raise SystemExit("--seeds starts its own stack (direct, reference+rid, sidecar): drop --target")
+        return seeds.main(args, args.output or Path(__file__).parent / "results" /
+                          f"seeds-{time.strftime('%Y%m%d-%H%M%S')}.md")
     output: Path = args.output or Path(__file__).parent / "results" / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}.md"
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-loadtest-"))
     procs: list[Proc] = []
