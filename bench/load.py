@@ -41,7 +41,7 @@ async def run_h2load(address: str, body_file: Path, requests: int, connections: 
             "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-H", f"authorization: Bearer {API_KEY}",
             "-N", "10s", f"http://{address}{INFER}"]
-    return parse_h2load(await _output(argv, timeout))
+    return parse_h2load(await process_output(argv, timeout))
 
 
 def parse_h2load(out: str) -> LoadResult:
@@ -60,7 +60,7 @@ async def run_pyload(address: str, body_hex: str, requests: int, processes: int,
     """Fallback: `processes` Python workers, each `concurrency` in-flight calls on one channel."""
     shares = [requests // processes + (1 if i < requests % processes else 0) for i in range(processes)]
     outputs = await asyncio.gather(*(
-        _output([sys.executable, str(PYLOAD), "--target", address, "--body-hex", body_hex,
+        process_output([sys.executable, str(PYLOAD), "--target", address, "--body-hex", body_hex,
                  "--requests", str(n), "--concurrency", str(concurrency)], timeout) for n in shares))
     reports = [json.loads(out) for out in outputs]
     seconds = max(r["end"] for r in reports) - min(r["start"] for r in reports)
@@ -69,7 +69,7 @@ async def run_pyload(address: str, body_hex: str, requests: int, processes: int,
     return LoadResult(tool="pyload", requests=done, grpc_ok=ok, seconds=seconds, rps=ok / seconds)
 
 
-async def _output(argv: list[str], timeout: float) -> str:
+async def process_output(argv: list[str], timeout: float) -> str:
     """stdout of argv; the process is killed if this is cancelled or times out."""
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
@@ -81,5 +81,5 @@ async def _output(argv: list[str], timeout: float) -> str:
             await proc.wait()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} exited with {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
+        raise RuntimeError(f"{argv} exited with {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
     return out.decode()

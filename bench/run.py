@@ -23,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import yaml
@@ -38,6 +39,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "latest.json"
 MODEL = "bench"
 TARGET_RATIO = 1.2
+T = TypeVar("T")
 MIN_OK_SHARE = 0.99
 
 
@@ -538,19 +540,23 @@ def vars_jsonable(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_on_stack(args: argparse.Namespace, prefix: str,
+                 work: Callable[[Stack], Coroutine[Any, Any, T]]) -> T | None:
+    """Runs `work` on a new `Stack` in a temporary directory, this process pinned to the load
+    generators' CPU (`args.cpus`); stops every process it started however it ends, and keeps
+    their logs when it failed. None when interrupted (Ctrl-C, SIGTERM)."""
     if args.cpus:
         os.sched_setaffinity(0, {int(args.cpus[0])})
-    tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     stack = Stack(tmp=tmp)
     ok = False
     try:
-        results = asyncio.run(bench_and_close(args, stack))
+        result = asyncio.run(work(stack))
         ok = True
+        return result
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
-        return 130
+        return None
     finally:
         for proc in stack.procs:  # normally already stopped; this is the safety net
             stop(proc)
@@ -558,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"logs kept in {tmp}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run_on_stack(args, "sidecar-bench-", lambda stack: bench_and_close(args, stack))
+    if results is None:
+        return 130
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=str))
     print(render_table(results, args.concurrency))

@@ -30,10 +30,8 @@ import os
 import platform
 import re
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,14 +45,15 @@ import grpc
 import yaml
 from counts import delta, overhead_buckets, quantile, scrape_handled
 from latency import API_KEY, INFER, METADATA, Target, request_bytes, rotated
-from load import grpc_frame, h2load_path, run_h2load
-from procs import cancel_on_sigterm, cpu_seconds, loaded_event_loop, loopback, start, stop, wait_serving
+from load import grpc_frame, h2load_path, process_output, run_h2load
+from procs import cancel_on_sigterm, cpu_seconds, loaded_event_loop, loopback, start, wait_serving
 from run import (
     FEATURES,
     MODEL,
     Stack,
     close_stack,
     pick_cpus,
+    run_on_stack,
     sidecar_argv,
     sidecar_config,
     start_peers,
@@ -442,7 +441,7 @@ async def measure(ctx: Context, target: Target, scenario: Scenario) -> dict[str,
         async with asyncio.TaskGroup() as group:  # one failing h2load cancels (kills) the others
             for i, (calls, log) in enumerate(zip(plan.calls, logs, strict=True)):
                 await asyncio.sleep(max(0.0, started + i * plan.stagger - time.monotonic()))
-                tasks.append(group.create_task(_output(h2load_argv(ctx, target, plan, calls, log),
+                tasks.append(group.create_task(process_output(h2load_argv(ctx, target, plan, calls, log),
                                                        timeout=scenario.seconds * 5 + 60)))
     wall = time.monotonic() - started
     h2load_cpu = children_cpu_seconds() - h2load_cpu0
@@ -495,22 +494,6 @@ def h2load_counts(out: str) -> tuple[int, int, int, int]:
     if not (counts and data):
         raise RuntimeError(f"cannot parse h2load's output:\n{out}")
     return int(counts[3]), int(counts[4]), int(counts[5]), int(data[1])
-
-
-async def _output(argv: list[str], timeout: float) -> str:
-    """stdout of argv; killed if this is cancelled or times out."""
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv} exited with {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
-    return out.decode()
 
 
 def _round(value: float | None) -> float | None:
@@ -726,24 +709,9 @@ def main(args: argparse.Namespace, output: Path) -> int:
     if not h2load_path():
         raise SystemExit("--seeds needs h2load: apt-get install -y nghttp2-client")
     args.cpus = pick_cpus(args.pin)
-    if args.cpus:
-        os.sched_setaffinity(0, {int(args.cpus[0])})
-    tmp = Path(tempfile.mkdtemp(prefix="sidecar-seeds-"))
-    stack = Stack(tmp=tmp)
-    ok = False
-    try:
-        report = asyncio.run(run_seeds(args, stack))
-        ok = True
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted", file=sys.stderr)
+    report = run_on_stack(args, "sidecar-seeds-", lambda stack: run_seeds(args, stack))
+    if report is None:
         return 130
-    finally:
-        for proc in stack.procs:  # normally stopped already; the safety net
-            stop(proc)
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render(report))
     output.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 KEPT = ROOT / "bench" / "results" / "perf-guard.json"
 # ratio name in run.py's `ratios_vs_rid_reference` -> the bound (2 x the target)
 BOUNDS = {"cpu_per_req": 2.5, "added_p50_c1": 3.0}
-# ~45 s on 2 cores: 3 latency rounds of 200 calls at c=1, 3 interleaved h2load runs of 4000 calls per
-# target; pinned (the default): load generators on one CPU, the servers on the other
+# ~50 s on 2 cores: 3 latency rounds of 200 calls at c=1 and c=16, 10 streams, 3 interleaved h2load
+# runs of 4000 calls per target; pinned (the default): load generators on one CPU, the servers on the
+# other. The same run is the suite's check that bench/run.py works (every target, streams, the table)
 BENCH = ["--quick", "--features", "full", "--rounds", "3", "--calls", "200", "--requests", "4000",
-         "--load-rounds", "3", "--stream-calls", "0", "--concurrency", "1"]
+         "--load-rounds", "3", "--stream-calls", "10", "--concurrency", "1,16"]
 
 
 def guarded(entry: dict[str, Any]) -> float | None:
@@ -46,7 +47,14 @@ def test_the_full_sidecar_costs_at_most_twice_its_targets_over_a_bare_hop(tmp_pa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     KEPT.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out, KEPT)
-    ratios = json.loads(out.read_text())["ratios_vs_rid_reference"]
+    report = json.loads(out.read_text())
+    # bench/run.py works: every target measured, every load request answered, the table printed
+    assert set(report["latency"]) == {"direct", "reference", "reference+rid", "sidecar"}
+    assert set(report["stream"]) == set(report["latency"])
+    for target in report["throughput"].values():
+        assert target["ok_share"] > 0.99 and target["cpu_us_per_req"] > 0
+    assert "sidecar/reference" in result.stdout and "InferStream" in result.stdout
+    ratios = report["ratios_vs_rid_reference"]
     measured = {name: guarded(ratios[name]) for name in BOUNDS}
     over = {name: value for name, value in measured.items() if value is None or value > BOUNDS[name]}
     assert not over, (
