@@ -1,4 +1,4 @@
-"""bench/ stays runnable: the paired cost benches, the load test, the prefix-affinity bench and the
+"""bench/ stays runnable: the paired cost benches, the load test, the prefix-affinity bench, the floor and the
 seed load scenarios run end to end, and the seeds' "which resource ran out" is checked on synthetic
 numbers. bench/run.py itself runs in tests/test_perf_guard.py."""
 from __future__ import annotations
@@ -242,3 +242,18 @@ def test_a_scenario_fails_on_the_sidecars_run_and_compares_hops_only_while_both_
                                   "sidecar": run(300.0, False, own)}, args)
     assert lost["passed"] is False and lost["ratios"] == {"reference+rid": None}
     assert lost["misses"][:2] == ["achieved 800 of 1000 calls/s (80%)", "added p50 299.5 ms > 2.0 (caller side)"]
+
+
+@pytest.mark.slow
+def test_the_floor_bench_prices_the_sidecar_against_the_least_work_of_its_features(tmp_path: Path) -> None:
+    output = tmp_path / "floor.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "floor.py"), "--rounds", "1", "--requests", "400",
+                             "--output", str(output)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    targets = json.loads(output.read_text())["targets"]
+    assert list(targets) == ["reference+rid", "floor-min", "floor-full", "sidecar-min", "sidecar-full"]
+    assert all(entry["cpu_us"] > 0 and len(entry["rounds_us"]) == 1 for entry in targets.values())
+    assert targets["reference+rid"]["ratio"] == 1.0
+    assert "sidecar-min above floor-min:" in result.stdout
+    assert "sidecar-full above floor-full:" in result.stdout
