@@ -31,13 +31,13 @@ import collections
 import hashlib
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from reference_proxy import serve_until_signalled
 from sidecar_client.inference.v1.inference_pb2 import InferRequest, InferResponse
 
 SERVICE = "inference.v1.Inference"
@@ -205,14 +205,7 @@ async def serve(args: argparse.Namespace) -> None:
         if args.otlp:
             background.append(asyncio.create_task(export_spans(args.otlp)))
     handler = grpc.method_handlers_generic_handler(SERVICE, {"Infer": grpc.unary_unary_rpc_method_handler(unary)})
-    server = grpc.aio.server(handlers=(handler,))
-    server.add_insecure_port(args.listen)
-    await server.start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=1)
+    await serve_until_signalled(grpc.aio.server(handlers=(handler,)), args.listen)
     for task in background:
         task.cancel()
 

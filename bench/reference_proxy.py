@@ -49,7 +49,12 @@ async def serve(listen: str, backend: str, request_id: bool) -> None:
         "Infer": grpc.unary_unary_rpc_method_handler(unary),
         "InferStream": grpc.unary_stream_rpc_method_handler(stream),
     })
-    server = grpc.aio.server(handlers=(handler,))
+    await serve_until_signalled(grpc.aio.server(handlers=(handler,)), listen)
+    await channel.close()
+
+
+async def serve_until_signalled(server: grpc.aio.Server, listen: str) -> None:
+    """Serves on `listen` (plaintext) until SIGTERM or SIGINT, then stops with a second's grace."""
     server.add_insecure_port(listen)
     await server.start()
     stop = asyncio.Event()
@@ -57,7 +62,6 @@ async def serve(listen: str, backend: str, request_id: bool) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(grace=1)
-    await channel.close()
 
 
 def main() -> None:
