@@ -54,6 +54,9 @@ def test_the_full_sidecar_costs_at_most_twice_its_targets_over_a_bare_hop(tmp_pa
     for target in report["throughput"].values():
         assert target["ok_share"] > 0.99 and target["cpu_us_per_req"] > 0
     assert "sidecar/reference" in result.stdout and "InferStream" in result.stdout
+    # the verdict names issue 20's targets for the feature set, each judged
+    verdict = next(line for line in result.stdout.splitlines() if line.startswith("issue 20's targets"))
+    assert verdict.count(" met") == 3 and "cpu_per_req <= 1.25x:" in verdict and "p99_c16 <= 1.3x:" in verdict
     ratios = report["ratios_vs_rid_reference"]
     measured = {name: guarded(ratios[name]) for name in BOUNDS}
     over = {name: value for name, value in measured.items() if value is None or value > BOUNDS[name]}
